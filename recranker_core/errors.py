@@ -1,0 +1,26 @@
+"""The error hierarchy: every failure a user can act on is one of these, with a message that says
+what was wrong, where, and what to do."""
+
+
+class RecrankerError(Exception):
+    """Base of every error raised on purpose by recranker."""
+
+
+class ConfigError(RecrankerError):
+    """A setting is missing or inconsistent."""
+
+
+class StackError(RecrankerError):
+    """A local service (embedded PostgreSQL, SeaweedFS) could not be started, found or stopped."""
+
+
+class DataError(RecrankerError):
+    """An input file cannot be read as interactions at all (empty, wrong columns, unknown format)."""
+
+
+class ValidationFailed(RecrankerError):
+    """A batch broke more rules than the failure budget allows; nothing of it was merged."""
+
+
+class ArtifactIntegrityError(RecrankerError):
+    """A stored artifact does not match its manifest (checksum, backbone, template)."""

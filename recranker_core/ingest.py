@@ -1,0 +1,674 @@
+"""Ingest: one interaction file becomes one batch. Stage it by COPY, type and classify every row
+(merge, duplicate, quarantine), validate with Great Expectations, then merge, quarantine and write
+the ledger in one transaction. A re-run of the same content is a no-op."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import psycopg
+from psycopg import sql
+
+from recranker_core.config import Settings
+from recranker_core.datasets.sources import (
+    Header,
+    SourceFile,
+    discover,
+    map_header,
+    read_items,
+    read_users,
+    sha256_file,
+)
+from recranker_core.db.connect import connect
+from recranker_core.errors import DataError, ValidationFailed
+from recranker_core.validation.rules import StagedColumns, classify_sql
+from recranker_core.validation.suite import ExpectationOutcome, validate_staged, validate_table
+
+log = logging.getLogger(__name__)
+
+STAGING_SCHEMA = "recranker_staging"
+_COPY_CHUNK = 1 << 20
+_LEDGER_LOCK = 7_310_002
+
+
+@dataclass
+class IngestResult:
+    """What happened to one file: the ledger row plus what a person needs to act on it."""
+
+    source: str
+    file_name: str
+    content_hash: str
+    format: str
+    status: str  # merged | rejected | already_ingested
+    batch_id: int | None = None
+    rows_read: int = 0
+    rows_merged: int = 0
+    rows_duplicate: int = 0
+    rows_quarantined: int = 0
+    items_upserted: int = 0
+    users_upserted: int = 0
+    error: str | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str, sort_keys=True)
+
+    def summary(self) -> str:
+        if self.status == "already_ingested":
+            return (
+                f"{self.source}: already ingested as batch {self.batch_id} "
+                f"(same content, sha256 {self.content_hash[:12]}); nothing to do"
+            )
+        head = (
+            f"{self.source}: batch {self.batch_id} {self.status}: read {self.rows_read:,}, "
+            f"merged {self.rows_merged:,}, duplicate {self.rows_duplicate:,}, "
+            f"quarantined {self.rows_quarantined:,}"
+        )
+        return head + (f"\n  {self.error}" if self.error else "")
+
+
+def ingest(
+    target: str,
+    settings: Settings,
+    database_url: str,
+    *,
+    fmt: str | None = None,
+    s3: Any = None,
+) -> list[IngestResult]:
+    """Ingest every interaction file behind a file, directory or s3:// prefix, in name order.
+
+    A rejected file does not stop the others; its result has status 'rejected'.
+    """
+    files = discover(target, fmt, settings.home / "cache" / "s3", s3)
+    results = []
+    for src in files:
+        try:
+            results.append(ingest_file(src, settings, database_url))
+        except ValidationFailed as exc:
+            results.append(exc.args[1] if len(exc.args) > 1 else _rejected_stub(src, str(exc)))
+    return results
+
+
+def _rejected_stub(src: SourceFile, error: str) -> IngestResult:
+    return IngestResult(
+        source=src.source, file_name=src.path.name, content_hash="", format=src.fmt,
+        status="rejected", error=error,
+    )
+
+
+def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> IngestResult:
+    """Ingest one file as one batch; see the module docstring for the steps.
+
+    Returns the ledger outcome (merged or already_ingested). A batch over the failure budget or a
+    file that cannot be read is recorded as rejected and raised as ValidationFailed, whose second
+    argument is the IngestResult.
+    """
+    started = datetime.now(UTC)
+    timer = _Timer()
+    content_hash = sha256_file(src.path)
+    result = IngestResult(
+        source=src.source, file_name=src.path.name, content_hash=content_hash, format=src.fmt,
+        status="merged",
+    )
+    timer.lap(result, "hash")
+    with connect(database_url, autocommit=True, application_name="recranker-ingest") as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        sweep_staging(conn)
+        previous = _merged_batch(conn, content_hash)
+        if previous is not None:
+            return _already(result, previous)
+        names = _StagingNames.new()
+        try:
+            try:
+                cols = _stage(conn, src, names)
+                timer.lap(result, "stage")
+                items, users = _stage_catalogue(conn, src, names)
+                result.rows_read = _count(conn, names.staging)
+                if result.rows_read == 0:
+                    raise DataError(f"{src.path}: the file has a header but no data rows")
+                conn.execute(
+                    classify_sql(
+                        names.ident(names.staging),
+                        names.ident(names.items) if items else None,
+                        names.ident(names.classified),
+                        cols,
+                        settings.ingest,
+                    )
+                )
+                timer.lap(result, "classify")
+            except DataError as exc:
+                _record_rejection(conn, result, started, str(exc), None)
+            outcomes = validate_staged(
+                database_url, STAGING_SCHEMA, names.classified, settings.ingest
+            )
+            result.validation = [o.as_row() for o in outcomes]
+            timer.lap(result, "validate")
+            _merge(conn, result, names, bool(items), bool(users), settings, started, outcomes)
+            timer.lap(result, "merge")
+        finally:
+            _drop_staging(conn, names)
+    if result.status == "already_ingested":
+        return result
+    if result.status == "rejected":
+        raise ValidationFailed(result.error, result)
+    table = validate_table(database_url, settings.ingest)
+    _store_validation(database_url, result.batch_id, "table", "interactions_table", table)
+    result.validation += [o.as_row() for o in table]
+    timer.lap(result, "validate_table")
+    log.info(result.summary())
+    return result
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, result: IngestResult, name: str) -> None:
+        now = time.perf_counter()
+        result.seconds[name] = round(now - self._t, 3)
+        self._t = now
+
+
+@dataclass(frozen=True)
+class _StagingNames:
+    staging: str
+    classified: str
+    items: str
+    users: str
+
+    @classmethod
+    def new(cls) -> _StagingNames:
+        tag = uuid.uuid4().hex[:16]
+        return cls(f"s_{tag}", f"c_{tag}", f"i_{tag}", f"u_{tag}")
+
+    def all(self) -> tuple[str, ...]:
+        return (self.staging, self.classified, self.items, self.users)
+
+    @staticmethod
+    def ident(name: str) -> sql.Identifier:
+        return sql.Identifier(STAGING_SCHEMA, name)
+
+
+def sweep_staging(conn: psycopg.Connection) -> list[str]:
+    """Drop staging tables left by ingests whose database session is gone (a killed process).
+
+    Each staging table's comment names the backend pid that created it; a table whose pid no
+    longer has a session cannot be in use.
+    """
+    rows = conn.execute(
+        """SELECT c.relname, obj_description(c.oid, 'pg_class')
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relkind = 'r'""",
+        (STAGING_SCHEMA,),
+    ).fetchall()
+    live = {r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity")}
+    dropped = []
+    for name, comment in rows:
+        pid = int(comment.split("=", 1)[1]) if comment and comment.startswith("pid=") else None
+        if pid is None or pid not in live:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
+            dropped.append(name)
+    if dropped:
+        log.warning("dropped %d staging tables left by interrupted ingests", len(dropped))
+    return dropped
+
+
+def _create_table(conn: psycopg.Connection, name: str, columns: sql.Composable) -> None:
+    ident = _StagingNames.ident(name)
+    conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(ident, columns))
+    conn.execute(
+        sql.SQL("COMMENT ON TABLE {} IS {}").format(
+            ident, sql.Literal(f"pid={conn.info.backend_pid}")
+        )
+    )
+
+
+def _drop_staging(conn: psycopg.Connection, names: _StagingNames) -> None:
+    for name in names.all():
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
+
+
+def _count(conn: psycopg.Connection, table: str) -> int:
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(_StagingNames.ident(table))
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging
+
+
+def _read_header(src: SourceFile) -> Header:
+    with src.path.open("rb") as fh:
+        first = fh.readline()
+    if not first:
+        raise DataError(f"{src.path}: the file is empty")
+    try:
+        text = first.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{src.path}, line 1: the header is not UTF-8 ({exc.reason})") from exc
+    try:
+        columns = next(csv.reader([text], delimiter=src.delimiter, strict=True))
+    except (csv.Error, StopIteration) as exc:
+        raise DataError(f"{src.path}, line 1: the header is not valid CSV ({exc})") from exc
+    return map_header(columns, str(src.path))
+
+
+def _staged_columns(header: Header, delimiter: str) -> StagedColumns:
+    pos = header.positions
+    return StagedColumns(
+        user_id=pos["user_id"], item_id=pos["item_id"], rating=pos["rating"],
+        timestamp=pos["timestamp"], count=len(header.columns), delimiter=delimiter,
+    )
+
+
+def _staging_columns(ncols: int, first_line: int) -> sql.Composable:
+    return sql.SQL(", ").join(
+        [sql.SQL("line bigint GENERATED BY DEFAULT AS IDENTITY (START {})").format(
+            sql.Literal(first_line))]
+        + [sql.SQL("{} text").format(sql.Identifier(f"c{i}")) for i in range(ncols)]
+        + [sql.SQL("parse_error text"), sql.SQL("raw text")]
+    )
+
+
+def _stage(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> StagedColumns:
+    """COPY the file into a text staging table; lines COPY cannot take go through a slower
+    line-by-line reader that keeps each bad line with its reason."""
+    if src.fmt == "parquet":
+        return _stage_parquet(conn, src, names)
+    header = _read_header(src)
+    cols = _staged_columns(header, src.delimiter)
+    target = sql.SQL("{} ({})").format(
+        _StagingNames.ident(names.staging),
+        sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(cols.count)),
+    )
+    try:
+        with conn.transaction():
+            _create_table(conn, names.staging, _staging_columns(cols.count, 2))
+            with conn.cursor() as cur, cur.copy(
+                sql.SQL("COPY {} FROM STDIN (FORMAT csv, HEADER true, DELIMITER {})").format(
+                    target, sql.Literal(src.delimiter)
+                )
+            ) as copy, src.path.open("rb") as fh:
+                while block := fh.read(_COPY_CHUNK):
+                    copy.write(block)
+        return cols
+    except psycopg.errors.DataError as exc:
+        log.info("%s: COPY refused the file (%s); reading it line by line", src.path,
+                 str(exc).splitlines()[0])
+    with conn.transaction():
+        _create_table(conn, names.staging, _staging_columns(cols.count, 2))
+        _stage_line_by_line(conn, src, names, cols.count)
+    return cols
+
+
+def _stage_line_by_line(
+    conn: psycopg.Connection, src: SourceFile, names: _StagingNames, ncols: int
+) -> None:
+    columns = sql.SQL(", ").join(
+        [sql.Identifier("line")]
+        + [sql.Identifier(f"c{i}") for i in range(ncols)]
+        + [sql.Identifier("parse_error"), sql.Identifier("raw")]
+    )
+    empty = (None,) * ncols
+    with conn.cursor() as cur, cur.copy(
+        sql.SQL("COPY {} ({}) FROM STDIN").format(_StagingNames.ident(names.staging), columns)
+    ) as copy:
+        for line_no, fields, error, raw in _read_lines(src.path, src.delimiter, ncols):
+            if error is None:
+                copy.write_row((line_no, *fields, None, None))
+            else:
+                copy.write_row((line_no, *empty, error, raw))
+
+
+def _read_lines(
+    path: Path, delimiter: str, ncols: int
+) -> Iterator[tuple[int, list[str], str | None, str | None]]:
+    """(line, fields, error, raw) for every physical line after the header."""
+    with path.open("rb") as fh:
+        fh.readline()
+        for line_no, raw_line in enumerate(fh, start=2):
+            stripped = raw_line.rstrip(b"\r\n")
+            try:
+                text = stripped.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, [], "invalid_utf8", stripped.decode("utf-8", "backslashreplace")
+                continue
+            if "\x00" in text:
+                yield line_no, [], "nul_byte", text.replace("\x00", "\\x00")
+                continue
+            if not text.strip():
+                yield line_no, [], "empty_line", text
+                continue
+            try:
+                fields = next(csv.reader([text], delimiter=delimiter, strict=True))
+            except csv.Error:
+                yield line_no, [], "malformed_csv", text
+                continue
+            if len(fields) != ncols:
+                yield line_no, [], "wrong_field_count", text
+                continue
+            yield line_no, fields, None, None
+
+
+def _stage_parquet(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> StagedColumns:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        pfile = pq.ParquetFile(src.path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{src.path}: not a readable Parquet file ({exc})") from exc
+    header = map_header(list(pfile.schema_arrow.names), str(src.path))
+    wanted = [header.columns[header.positions[f]] for f in ("user_id", "item_id", "rating", "timestamp")]
+    cols = StagedColumns(user_id=0, item_id=1, rating=2, timestamp=3, count=4, delimiter=",")
+    with conn.transaction():
+        _create_table(conn, names.staging, _staging_columns(4, 1))
+        target = sql.SQL("{} (c0, c1, c2, c3)").format(_StagingNames.ident(names.staging))
+        with conn.cursor() as cur, cur.copy(
+            sql.SQL("COPY {} FROM STDIN (FORMAT csv)").format(target)
+        ) as copy:
+            for batch in pfile.iter_batches(columns=wanted, batch_size=200_000):
+                arrays = list(batch.columns)
+                ts = arrays[3]
+                if pa.types.is_timestamp(ts.type):
+                    # Unix seconds, the form the classifier reads fastest.
+                    arrays[3] = pc.divide(pc.cast(pc.cast(ts, pa.timestamp("us", "UTC")), pa.int64()), 1_000_000.0)
+                table = pa.table([pc.cast(a, pa.string()) for a in arrays], names=["c0", "c1", "c2", "c3"])
+                buf = io.BytesIO()
+                pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
+                copy.write(buf.getvalue())
+    return cols
+
+
+def _stage_catalogue(
+    conn: psycopg.Connection, src: SourceFile, names: _StagingNames
+) -> tuple[int, int]:
+    """Stage the batch's item and user files (small), so rows can refer to items they add."""
+    n_items = n_users = 0
+    with conn.transaction():
+        if src.items_path is not None:
+            items = read_items(src.items_path)
+            _create_table(
+                conn, names.items,
+                sql.SQL("item_id text PRIMARY KEY, title text, year integer, genres text[], "
+                        "attributes jsonb"),
+            )
+            with conn.cursor() as cur, cur.copy(
+                sql.SQL("COPY {} FROM STDIN").format(_StagingNames.ident(names.items))
+            ) as copy:
+                for it in {i.item_id: i for i in items}.values():
+                    copy.write_row((it.item_id, it.title, it.year, it.genres,
+                                    json.dumps(it.attributes)))
+            n_items = len(items)
+        if src.users_path is not None:
+            users = read_users(src.users_path)
+            _create_table(conn, names.users, sql.SQL("user_id text PRIMARY KEY, attributes jsonb"))
+            with conn.cursor() as cur, cur.copy(
+                sql.SQL("COPY {} FROM STDIN").format(_StagingNames.ident(names.users))
+            ) as copy:
+                for us in {u.user_id: u for u in users}.values():
+                    copy.write_row((us.user_id, json.dumps(us.attributes)))
+            n_users = len(users)
+    return n_items, n_users
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger and merge
+
+
+def _merged_batch(conn: psycopg.Connection, content_hash: str) -> tuple[Any, ...] | None:
+    return conn.execute(
+        """SELECT batch_id, rows_read, rows_merged, rows_duplicate, rows_quarantined
+           FROM recranker.ingest_batches WHERE content_hash = %s AND status = 'merged'""",
+        (content_hash,),
+    ).fetchone()
+
+
+def _already(result: IngestResult, previous: tuple[Any, ...]) -> IngestResult:
+    result.status = "already_ingested"
+    (result.batch_id, result.rows_read, result.rows_merged, result.rows_duplicate,
+     result.rows_quarantined) = previous
+    log.info(result.summary())
+    return result
+
+
+def _insert_ledger(conn: psycopg.Connection, result: IngestResult, started: datetime) -> int:
+    row = conn.execute(
+        """INSERT INTO recranker.ingest_batches
+               (source, file_name, content_hash, format, status, started_at)
+           VALUES (%s, %s, %s, %s, %s, %s) RETURNING batch_id""",
+        (result.source, result.file_name, result.content_hash, result.format, result.status,
+         started),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _record_rejection(
+    conn: psycopg.Connection, result: IngestResult, started: datetime, error: str,
+    names: _StagingNames | None,
+) -> NoReturn:
+    """A file that cannot be read at all: a rejected ledger row with the reason, then raise."""
+    result.status = "rejected"
+    result.error = error
+    result.rows_read = 0
+    with conn.transaction():
+        result.batch_id = _insert_ledger(conn, result, started)
+        conn.execute(
+            "UPDATE recranker.ingest_batches SET error = %s WHERE batch_id = %s",
+            (error, result.batch_id),
+        )
+    log.error(result.summary())
+    raise ValidationFailed(error, result)
+
+
+def _merge(
+    conn: psycopg.Connection, result: IngestResult, names: _StagingNames, has_items: bool,
+    has_users: bool, settings: Settings, started: datetime, outcomes: list[ExpectationOutcome],
+) -> None:
+    classified = _StagingNames.ident(names.classified)
+    with conn.transaction():
+        # Two processes ingesting the same content: the second waits, then sees it merged.
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                     (_LEDGER_LOCK, result.content_hash))
+        previous = _merged_batch(conn, result.content_hash)
+        if previous is not None:
+            _already(result, previous)
+            return
+        counts = dict(conn.execute(
+            sql.SQL("SELECT outcome, count(*) FROM {} GROUP BY outcome").format(classified)
+        ).fetchall())
+        result.reasons = dict(conn.execute(
+            sql.SQL("SELECT r, count(*) FROM {}, unnest(reasons) r GROUP BY r ORDER BY 2 DESC")
+            .format(classified)
+        ).fetchall())
+        result.examples = [
+            {"line": line, "reasons": reasons, "raw": raw[:200]}
+            for line, reasons, raw in conn.execute(
+                sql.SQL("""SELECT DISTINCT ON (reasons) line, reasons, raw FROM {}
+                           WHERE outcome = 'quarantine' ORDER BY reasons, line LIMIT 10""")
+                .format(classified)
+            )
+        ]
+        bad = int(counts.get("quarantine", 0))
+        share = bad / result.rows_read
+        budget = settings.ingest.failure_budget
+        rejected = share > budget
+        result.status = "rejected" if rejected else "merged"
+        batch_id = result.batch_id = _insert_ledger(conn, result, started)
+        if rejected:
+            result.error = _budget_message(result, share, budget)
+            # Nothing merged, nothing lost: every row is kept, the valid ones marked as such.
+            conn.execute(
+                sql.SQL("""INSERT INTO recranker.quarantine (batch_id, line, raw, reasons)
+                           SELECT %s, line, raw,
+                                  CASE WHEN cardinality(reasons) = 0 THEN ARRAY['batch_rejected']
+                                       ELSE reasons END
+                           FROM {}""").format(classified),
+                (batch_id,),
+            )
+            result.rows_quarantined = result.rows_read
+        else:
+            conn.execute(
+                sql.SQL("""INSERT INTO recranker.quarantine (batch_id, line, raw, reasons)
+                           SELECT %s, line, raw, reasons FROM {} WHERE outcome = 'quarantine'""")
+                .format(classified),
+                (batch_id,),
+            )
+            result.items_upserted = _upsert_items(conn, names, has_items, classified, batch_id,
+                                                  settings.ingest.auto_create_items)
+            result.users_upserted = _upsert_users(conn, names, has_users, classified, batch_id)
+            merged = conn.execute(
+                sql.SQL("""INSERT INTO recranker.interactions
+                               (user_id, item_id, rating, event_ts, batch_id)
+                           SELECT user_id, item_id, rating, event_ts, %s FROM {}
+                           WHERE outcome = 'merge'
+                           ORDER BY user_id, item_id, event_ts
+                           ON CONFLICT DO NOTHING""").format(classified),
+                (batch_id,),
+            ).rowcount
+            expected = int(counts.get("merge", 0))
+            result.rows_merged = merged
+            # Rows another batch merged since classification are duplicates now.
+            result.rows_duplicate = int(counts.get("duplicate", 0)) + (expected - merged)
+            result.rows_quarantined = bad
+        conn.execute(
+            """UPDATE recranker.ingest_batches
+               SET status = %s, rows_read = %s, rows_merged = %s, rows_duplicate = %s,
+                   rows_quarantined = %s, items_upserted = %s, users_upserted = %s, error = %s,
+                   finished_at = now()
+               WHERE batch_id = %s""",
+            (result.status, result.rows_read, result.rows_merged, result.rows_duplicate,
+             result.rows_quarantined, result.items_upserted, result.users_upserted,
+             result.error, batch_id),
+        )
+        _insert_validation(conn, batch_id, "staged", "staged_batch", outcomes)
+
+
+def _budget_message(result: IngestResult, share: float, budget: float) -> str:
+    top = ", ".join(f"{reason} {n:,}" for reason, n in list(result.reasons.items())[:5])
+    first = result.examples[0] if result.examples else None
+    where = (
+        f"; first bad row at {result.file_name}, line {first['line']}: {', '.join(first['reasons'])}"
+        if first else ""
+    )
+    return (
+        f"{result.file_name}: {share:.1%} of {result.rows_read:,} rows are bad, over the failure "
+        f"budget of {budget:.1%} (RECRANKER_INGEST__FAILURE_BUDGET); nothing was merged. "
+        f"Reasons: {top}{where}. All rows are in recranker.quarantine under batch "
+        f"{result.batch_id}."
+    )
+
+
+def _upsert_items(
+    conn: psycopg.Connection, names: _StagingNames, has_items: bool, classified: sql.Composable,
+    batch_id: int, auto_create: bool,
+) -> int:
+    n = 0
+    if has_items:
+        n += conn.execute(
+            sql.SQL("""INSERT INTO recranker.items
+                           (item_id, title, year, genres, attributes, first_batch_id)
+                       SELECT item_id, title, year, coalesce(genres, '{{}}'), attributes, %s
+                       FROM {} ORDER BY item_id
+                       ON CONFLICT (item_id) DO UPDATE
+                       SET title = EXCLUDED.title, year = EXCLUDED.year,
+                           genres = EXCLUDED.genres, attributes = EXCLUDED.attributes,
+                           updated_at = now()
+                       WHERE (items.title, items.year, items.genres, items.attributes)
+                             IS DISTINCT FROM (EXCLUDED.title, EXCLUDED.year, EXCLUDED.genres,
+                                               EXCLUDED.attributes)""")
+            .format(_StagingNames.ident(names.items)),
+            (batch_id,),
+        ).rowcount
+    if auto_create:
+        n += conn.execute(
+            sql.SQL("""INSERT INTO recranker.items (item_id, first_batch_id)
+                       SELECT DISTINCT item_id, %s::bigint FROM {} WHERE outcome = 'merge'
+                       ON CONFLICT (item_id) DO NOTHING""").format(classified),
+            (batch_id,),
+        ).rowcount
+    return n
+
+
+def _upsert_users(
+    conn: psycopg.Connection, names: _StagingNames, has_users: bool, classified: sql.Composable,
+    batch_id: int,
+) -> int:
+    n = 0
+    if has_users:
+        n += conn.execute(
+            sql.SQL("""INSERT INTO recranker.users (user_id, attributes, first_batch_id)
+                       SELECT user_id, attributes, %s FROM {} ORDER BY user_id
+                       ON CONFLICT (user_id) DO UPDATE
+                       SET attributes = EXCLUDED.attributes, updated_at = now()
+                       WHERE users.attributes IS DISTINCT FROM EXCLUDED.attributes""")
+            .format(_StagingNames.ident(names.users)),
+            (batch_id,),
+        ).rowcount
+    n += conn.execute(
+        sql.SQL("""INSERT INTO recranker.users (user_id, first_batch_id)
+                   SELECT DISTINCT user_id, %s::bigint FROM {} WHERE outcome = 'merge'
+                   ON CONFLICT (user_id) DO NOTHING""").format(classified),
+        (batch_id,),
+    ).rowcount
+    return n
+
+
+def _insert_validation(
+    conn: psycopg.Connection, batch_id: int, stage: str, suite: str,
+    outcomes: list[ExpectationOutcome],
+) -> None:
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO recranker.validation_results
+                   (batch_id, stage, suite, expectation, column_name, success, element_count,
+                    unexpected_count, details)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+            [
+                (batch_id, stage, suite, o.expectation, o.column, o.success,
+                 o.element_count if isinstance(o.element_count, int) else None,
+                 o.unexpected_count, json.dumps(o.details))
+                for o in outcomes
+            ],
+        )
+
+
+def _store_validation(
+    database_url: str, batch_id: int | None, stage: str, suite: str,
+    outcomes: list[ExpectationOutcome],
+) -> None:
+    if batch_id is None:
+        return
+    with connect(database_url) as conn, conn.transaction():
+        _insert_validation(conn, batch_id, stage, suite, outcomes)
+
+
+def ledger(database_url: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The most recent ingest batches, newest first."""
+    with connect(database_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute(
+            """SELECT batch_id, file_name, status, rows_read, rows_merged, rows_duplicate,
+                      rows_quarantined, items_upserted, users_upserted, finished_at, error
+               FROM recranker.ingest_batches ORDER BY batch_id DESC LIMIT %s""",
+            (limit,),
+        ).fetchall()
+

@@ -1,0 +1,178 @@
+"""The quarantine split: the SQL that types a staged batch and gives every row exactly one
+outcome (merge, duplicate, quarantine) with its reasons. The GX suite checks the same rules and
+reports them; this is what decides where each row goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from recranker_core.config import IngestSettings
+
+# Reason codes, one per rule; each names the field it is about.
+REASONS = {
+    "invalid_utf8": "the line is not valid UTF-8",
+    "nul_byte": "the line contains a NUL byte",
+    "malformed_csv": "the line is not valid CSV (unbalanced quotes)",
+    "wrong_field_count": "the line has more or fewer fields than the header",
+    "empty_line": "the line is empty",
+    "user_id_missing": "user_id is empty",
+    "user_id_too_long": "user_id is longer than ingest.max_id_length",
+    "item_id_missing": "item_id is empty",
+    "item_id_too_long": "item_id is longer than ingest.max_id_length",
+    "item_unknown": "item_id is neither in recranker.items nor in the batch's item file",
+    "rating_missing": "rating is empty",
+    "rating_not_numeric": "rating is not a number",
+    "rating_not_finite": "rating is NaN or infinite",
+    "rating_out_of_range": "rating is outside [ingest.rating_min, ingest.rating_max]",
+    "timestamp_missing": "timestamp is empty",
+    "timestamp_invalid": "timestamp is neither unix seconds nor an ISO 8601 date-time",
+    "timestamp_in_future": "timestamp lies after the ingest clock (+ ingest.future_tolerance_s)",
+    "timestamp_too_old": "timestamp lies before ingest.min_event_ts",
+    "conflicting_duplicate_in_batch": "the batch has this (user_id, item_id, timestamp) twice "
+    "with different ratings",
+    "conflicts_with_existing": "recranker.interactions holds this (user_id, item_id, timestamp) "
+    "with a different rating",
+    "batch_rejected": "the row is valid but its batch was over the failure budget",
+}
+
+_NUMBER = r"^[+-]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][+-]?[0-9]{1,2})?$"
+_UNIX_SECONDS = r"^[+-]?[0-9]{1,12}(\.[0-9]{1,9})?$"
+_ISO_8601 = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?)?"
+    r" ?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?$"
+)
+_NOT_FINITE = ("nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
+
+
+@dataclass(frozen=True)
+class StagedColumns:
+    """Which staging columns hold the needed fields (staging columns are named c0, c1, ...)."""
+
+    user_id: int
+    item_id: int
+    rating: int
+    timestamp: int
+    count: int
+    delimiter: str
+
+
+def classify_sql(
+    staging: sql.Identifier,
+    staged_items: sql.Identifier | None,
+    classified: sql.Identifier,
+    cols: StagedColumns,
+    rules: IngestSettings,
+) -> sql.Composed:
+    """CREATE the classified table: one row per staged row with typed fields, reasons and outcome.
+
+    outcome is 'merge' (new and valid), 'duplicate' (already in the table with the same rating,
+    or a repeat of an earlier row of the batch) or 'quarantine' (reasons say why).
+    """
+
+    def col(i: int) -> sql.Composable:
+        return sql.SQL("s.{}").format(sql.Identifier(f"c{i}"))
+
+    raw_fields = sql.SQL(", ").join(
+        sql.SQL("coalesce({}, '')").format(col(i)) for i in range(cols.count)
+    )
+    item_file_join = (
+        sql.SQL("LEFT JOIN {} si ON si.item_id = t.item_id").format(staged_items)
+        if staged_items is not None
+        else sql.SQL("")
+    )
+    item_in_file = (
+        sql.SQL("si.item_id IS NOT NULL") if staged_items is not None else sql.SQL("false")
+    )
+    item_known = (
+        sql.SQL("true")
+        if rules.auto_create_items
+        else sql.SQL("(it.item_id IS NOT NULL OR {})").format(item_in_file)
+    )
+    return sql.SQL(
+        """
+CREATE UNLOGGED TABLE {classified} AS
+WITH parsed AS (
+    SELECT s.line, s.parse_error,
+           coalesce(s.raw, concat_ws({delim}, {raw_fields})) AS raw,
+           nullif(btrim({u}), '') AS user_id,
+           nullif(btrim({i}), '') AS item_id,
+           nullif(btrim({r}), '') AS rating_txt,
+           nullif(btrim({ts}), '') AS ts_txt
+    FROM {staging} s
+), typed AS (
+    SELECT p.*,
+           CASE WHEN p.rating_txt ~ {number} THEN p.rating_txt::float8 END AS rating,
+           CASE WHEN p.ts_txt ~ {unix} THEN to_timestamp(p.ts_txt::float8)
+                WHEN p.ts_txt ~ {iso} THEN recranker.try_timestamptz(p.ts_txt) END AS event_ts
+    FROM parsed p
+), checked AS (
+    SELECT t.line, t.raw, t.parse_error, t.user_id, t.item_id, t.rating, t.event_ts,
+           {item_known} AS item_known,
+           CASE WHEN t.parse_error IS NOT NULL THEN ARRAY[t.parse_error]
+           ELSE array_remove(ARRAY[
+               CASE WHEN t.user_id IS NULL THEN 'user_id_missing'
+                    WHEN length(t.user_id) > {max_len} THEN 'user_id_too_long' END,
+               CASE WHEN t.item_id IS NULL THEN 'item_id_missing'
+                    WHEN length(t.item_id) > {max_len} THEN 'item_id_too_long'
+                    WHEN NOT {item_known} THEN 'item_unknown' END,
+               CASE WHEN t.rating_txt IS NULL THEN 'rating_missing'
+                    WHEN lower(t.rating_txt) = ANY({not_finite}) THEN 'rating_not_finite'
+                    WHEN t.rating IS NULL THEN 'rating_not_numeric'
+                    WHEN t.rating < {rmin} OR t.rating > {rmax} THEN 'rating_out_of_range' END,
+               CASE WHEN t.ts_txt IS NULL THEN 'timestamp_missing'
+                    WHEN t.event_ts IS NULL THEN 'timestamp_invalid'
+                    WHEN t.event_ts > now() + make_interval(secs => {tol}) THEN 'timestamp_in_future'
+                    WHEN t.event_ts < {min_ts}::timestamptz THEN 'timestamp_too_old' END
+           ]::text[], NULL) END AS reasons
+    FROM typed t
+    LEFT JOIN recranker.items it ON it.item_id = t.item_id
+    {item_file_join}
+), keyed AS (
+    SELECT c.*,
+           cardinality(c.reasons) = 0 AS valid,
+           e.rating AS existing_rating,
+           e.user_id IS NOT NULL AS existing,
+           row_number() OVER k AS key_rank,
+           min(c.rating) OVER k IS DISTINCT FROM max(c.rating) OVER k AS key_conflict
+    FROM checked c
+    LEFT JOIN recranker.interactions e
+           ON cardinality(c.reasons) = 0
+          AND e.user_id = c.user_id AND e.item_id = c.item_id AND e.event_ts = c.event_ts
+    WINDOW k AS (PARTITION BY cardinality(c.reasons) = 0, c.user_id, c.item_id, c.event_ts
+                 ORDER BY c.line)
+)
+SELECT line, raw, parse_error, user_id, item_id, rating::real AS rating, event_ts, item_known,
+       CASE WHEN NOT valid THEN reasons
+            WHEN key_conflict THEN ARRAY['conflicting_duplicate_in_batch']
+            WHEN existing AND existing_rating IS DISTINCT FROM rating::real
+                THEN ARRAY['conflicts_with_existing']
+            ELSE '{{}}'::text[] END AS reasons,
+       CASE WHEN NOT valid OR key_conflict
+                 OR (existing AND existing_rating IS DISTINCT FROM rating::real) THEN 'quarantine'
+            WHEN existing OR key_rank > 1 THEN 'duplicate'
+            ELSE 'merge' END AS outcome
+FROM keyed
+"""
+    ).format(
+        classified=classified,
+        staging=staging,
+        delim=sql.Literal(cols.delimiter),
+        raw_fields=raw_fields,
+        u=col(cols.user_id),
+        i=col(cols.item_id),
+        r=col(cols.rating),
+        ts=col(cols.timestamp),
+        number=sql.Literal(_NUMBER),
+        unix=sql.Literal(_UNIX_SECONDS),
+        iso=sql.Literal(_ISO_8601),
+        item_known=item_known,
+        max_len=sql.Literal(rules.max_id_length),
+        not_finite=sql.Literal(list(_NOT_FINITE)),
+        rmin=sql.Literal(rules.rating_min),
+        rmax=sql.Literal(rules.rating_max),
+        tol=sql.Literal(rules.future_tolerance_s),
+        min_ts=sql.Literal(rules.min_event_ts),
+        item_file_join=item_file_join,
+    )

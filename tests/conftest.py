@@ -1,0 +1,99 @@
+"""Service fixtures shared by every test: a real PostgreSQL database (the machine's server on
+127.0.0.1:5432 when reachable, else the embedded one), created fresh for the session and dropped
+after; a real SeaweedFS with generated credentials; Prefect's test harness."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+MACHINE_PG = os.environ.get("RECRANKER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _machine_pg_reachable() -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(MACHINE_PG, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def services_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$RECRANKER_HOME of the test session (embedded services, caches)."""
+    return tmp_path_factory.mktemp("recranker-home")
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(services_home: Path) -> Iterator[str]:
+    """An admin URL of a running PostgreSQL server."""
+    if _machine_pg_reachable():
+        yield MACHINE_PG
+        return
+    from recranker_core.config import Settings
+    from recranker_core.stack import database_url, stack_down
+
+    settings = Settings(home=services_home, database_url=None, s3_endpoint=None)
+    url = database_url(settings, start=True)
+    try:
+        yield url
+    finally:
+        stack_down(settings)
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session, dropped afterwards."""
+    import psycopg
+
+    from recranker_core.db.connect import libpq_url
+    from recranker_core.db.migrate import upgrade
+
+    name = f"recranker_test_{uuid.uuid4().hex[:10]}"
+    admin = libpq_url(pg_server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin.rpartition("/")
+    url = f"{base}/{name}"
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def clean_db(database_url: str) -> str:
+    """The session database with every recranker table emptied."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'recranker' "
+                "AND tablename <> 'schema_migrations'"
+            )
+        ]
+        if tables:
+            conn.execute(
+                "TRUNCATE " + ", ".join(f"recranker.{t}" for t in tables) + " RESTART IDENTITY"
+            )
+    return database_url
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
+    from recranker_core.config import Settings
+
+    return Settings(home=tmp_path / "home", database_url=database_url)
