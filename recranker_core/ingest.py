@@ -153,7 +153,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
             outcomes = validate_staged(
                 database_url, STAGING_SCHEMA, names.classified, settings.ingest
             )
-            result.validation = [o.as_row() for o in outcomes]
+            result.validation = [{"suite": "staged_batch", **o.as_row()} for o in outcomes]
             timer.lap(result, "validate")
             _merge(conn, result, names, bool(items), bool(users), settings, started, outcomes)
             timer.lap(result, "merge")
@@ -165,7 +165,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
         raise ValidationFailed(result.error, result)
     table = validate_table(database_url, settings.ingest)
     _store_validation(database_url, result.batch_id, "table", "interactions_table", table)
-    result.validation += [o.as_row() for o in table]
+    result.validation += [{"suite": "interactions_table", **o.as_row()} for o in table]
     timer.lap(result, "validate_table")
     log.info(result.summary())
     return result
@@ -672,3 +672,14 @@ def ledger(database_url: str, limit: int = 20) -> list[dict[str, Any]]:
             (limit,),
         ).fetchall()
 
+
+
+def table_counts(database_url: str) -> dict[str, int]:
+    """Rows in interactions and distinct users and items in it."""
+    with connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) "
+            "FROM recranker.interactions"
+        ).fetchone()
+    assert row is not None
+    return {"interactions": int(row[0]), "users": int(row[1]), "items": int(row[2])}

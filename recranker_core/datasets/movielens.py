@@ -188,7 +188,7 @@ def load_users(path: Path) -> list[UserRecord]:
     return [
         UserRecord(
             user_id=row[id_col],
-            attributes={n: v for i, (n, v) in enumerate(zip(names, row, strict=True)) if i != id_col},
+            attributes={names[i]: v for i, v in enumerate(row) if i != id_col},
         )
         for row in rows
     ]
@@ -290,7 +290,9 @@ def _count_rows(path: Path) -> int:
 def _parse_header(line: str, path: Path) -> list[tuple[str, str]]:
     line = line.rstrip("\r\n")
     if not line:
-        raise DataError(f"{path} is empty; an atomic file starts with a header like 'user_id:token'")
+        raise DataError(
+            f"{path} is empty; an atomic file starts with a header like 'user_id:token'"
+        )
     header: list[tuple[str, str]] = []
     for col in line.split("\t"):
         name, sep, typ = col.rpartition(":")

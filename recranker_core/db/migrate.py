@@ -101,3 +101,14 @@ def current_version(database_url: str) -> int:
             return 0
         row = conn.execute("SELECT coalesce(max(version), 0) FROM recranker.schema_migrations").fetchone()
         return int(row[0]) if row else 0
+
+
+def require_current(database_url: str) -> None:
+    """Refuse to work on a database whose schema is behind this code."""
+    latest = available_migrations()[-1].version
+    have = current_version(database_url)
+    if have < latest:
+        raise ConfigError(
+            f"the database schema is at migration {have:04d}, this code needs {latest:04d}: "
+            "run `recranker db upgrade`"
+        )

@@ -134,14 +134,14 @@ WITH parsed AS (
            cardinality(c.reasons) = 0 AS valid,
            e.rating AS existing_rating,
            e.user_id IS NOT NULL AS existing,
-           row_number() OVER k AS key_rank,
+           row_number() OVER (k ORDER BY c.line) AS key_rank,
+           -- No ORDER BY in this window: min and max must see the whole key, not a prefix.
            min(c.rating) OVER k IS DISTINCT FROM max(c.rating) OVER k AS key_conflict
     FROM checked c
     LEFT JOIN recranker.interactions e
            ON cardinality(c.reasons) = 0
           AND e.user_id = c.user_id AND e.item_id = c.item_id AND e.event_ts = c.event_ts
-    WINDOW k AS (PARTITION BY cardinality(c.reasons) = 0, c.user_id, c.item_id, c.event_ts
-                 ORDER BY c.line)
+    WINDOW k AS (PARTITION BY cardinality(c.reasons) = 0, c.user_id, c.item_id, c.event_ts)
 )
 SELECT line, raw, parse_error, user_id, item_id, rating::real AS rating, event_ts, item_known,
        CASE WHEN NOT valid THEN reasons

@@ -1,0 +1,32 @@
+"""Flow `ingest`: interaction files (local path or s3:// prefix) -> validated batches in
+PostgreSQL, one batch per file, with the ledger and GX results as artifacts."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from recranker_core.config import load_settings
+from recranker_core.errors import ValidationFailed
+from recranker_core.ingest import IngestResult
+from tasks.common import resolve_database
+from tasks.ingest import discover_files, ingest_file_task, results_table
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(source: str, format: str | None = None) -> list[IngestResult]:
+    """Ingest every interaction file under `source`; fails when any batch is rejected."""
+    settings = load_settings()
+    database_url = resolve_database(settings)
+    files = discover_files(source, format, settings)
+    results = [ingest_file_task(src, settings, database_url) for src in files]
+    create_table_artifact(key="ingest-ledger", table=results_table(results),
+                          description=f"Ingest of {source}")
+    rejected = [r for r in results if r.status == "rejected"]
+    if rejected:
+        raise ValidationFailed(
+            f"{len(rejected)} of {len(results)} file(s) rejected: "
+            + " | ".join(r.error or r.file_name for r in rejected),
+            results,
+        )
+    return results
