@@ -31,6 +31,10 @@ class IngestSettings(BaseModel):
         "1970-01-01T00:00:00Z",
         description="Earliest valid event timestamp (ISO 8601); older rows are quarantined.",
     )
+    work_mem: str = Field(
+        "256MB",
+        description="PostgreSQL work_mem of the ingest session (sorts and hashes over a batch).",
+    )
     auto_create_items: bool = Field(
         False,
         description="Create unknown items from interaction rows instead of quarantining them "
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
     s3_bucket: str = Field("recranker", description="Bucket holding artifacts and datasets.")
     s3_region: str = Field("us-east-1", description="S3 region name sent with requests.")
     log_level: str = Field("INFO", description="Log level of the recranker loggers.")
-    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    ingest: IngestSettings = Field(default_factory=lambda: IngestSettings())
 
     @field_validator("home")
     @classmethod

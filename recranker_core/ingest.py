@@ -30,7 +30,7 @@ from recranker_core.datasets.sources import (
 )
 from recranker_core.db.connect import connect
 from recranker_core.errors import DataError, ValidationFailed
-from recranker_core.validation.rules import StagedColumns, classify_sql
+from recranker_core.validation.rules import StagedColumns, classify_sql, resolve_repeats_sql
 from recranker_core.validation.suite import ExpectationOutcome, validate_staged, validate_table
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,10 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
     timer.lap(result, "hash")
     with connect(database_url, autocommit=True, application_name="recranker-ingest") as conn:
         conn.execute("SET TIME ZONE 'UTC'")
+        # Sorts and hashes over a whole batch stay in memory instead of spilling to disk.
+        conn.execute(sql.SQL("SET work_mem = {}").format(sql.Literal(settings.ingest.work_mem)))
+        # JIT compiles the classification for seconds and saves less than it costs here.
+        conn.execute("SET jit = off")
         sweep_staging(conn)
         previous = _merged_batch(conn, content_hash)
         if previous is not None:
@@ -135,6 +139,8 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
                 cols = _stage(conn, src, names)
                 timer.lap(result, "stage")
                 items, users = _stage_catalogue(conn, src, names)
+                # Row estimates for the classification's joins (hash, not sort-merge).
+                conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.staging)))
                 result.rows_read = _count(conn, names.staging)
                 if result.rows_read == 0:
                     raise DataError(f"{src.path}: the file has a header but no data rows")
@@ -147,6 +153,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
                         settings.ingest,
                     )
                 )
+                conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.classified)))
                 timer.lap(result, "classify")
             except DataError as exc:
                 _record_rejection(conn, result, started, str(exc), None)
@@ -155,7 +162,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
             )
             result.validation = [{"suite": "staged_batch", **o.as_row()} for o in outcomes]
             timer.lap(result, "validate")
-            _merge(conn, result, names, bool(items), bool(users), settings, started, outcomes)
+            _merge(conn, result, names, cols, bool(items), bool(users), settings, started, outcomes)
             timer.lap(result, "merge")
         finally:
             _drop_staging(conn, names)
@@ -169,6 +176,17 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
     timer.lap(result, "validate_table")
     log.info(result.summary())
     return result
+
+
+def _exec(conn: psycopg.Connection, statement: Any, params: Any = None) -> psycopg.Cursor[Any]:
+    """Execute, and log statements slow enough for an operator to wonder where the time went."""
+    t0 = time.perf_counter()
+    cur = conn.execute(statement, params)
+    took = time.perf_counter() - t0
+    if took > 1.0:
+        text = statement.as_string(conn) if isinstance(statement, sql.Composable) else statement
+        log.info("%.1fs, %s rows: %s", took, cur.rowcount, " ".join(text.split())[:90])
+    return cur
 
 
 class _Timer:
@@ -480,87 +498,169 @@ def _record_rejection(
     raise ValidationFailed(error, result)
 
 
+class _OverBudget(Exception):
+    """Raised inside the merge transaction to undo it when repeats push a batch over budget."""
+
+
 def _merge(
-    conn: psycopg.Connection, result: IngestResult, names: _StagingNames, has_items: bool,
-    has_users: bool, settings: Settings, started: datetime, outcomes: list[ExpectationOutcome],
+    conn: psycopg.Connection, result: IngestResult, names: _StagingNames, cols: StagedColumns,
+    has_items: bool, has_users: bool, settings: Settings, started: datetime,
+    outcomes: list[ExpectationOutcome],
 ) -> None:
     classified = _StagingNames.ident(names.classified)
-    with conn.transaction():
-        # Two processes ingesting the same content: the second waits, then sees it merged.
-        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                     (_LEDGER_LOCK, result.content_hash))
-        previous = _merged_batch(conn, result.content_hash)
-        if previous is not None:
-            _already(result, previous)
-            return
-        counts = dict(conn.execute(
-            sql.SQL("SELECT outcome, count(*) FROM {} GROUP BY outcome").format(classified)
-        ).fetchall())
-        result.reasons = dict(conn.execute(
-            sql.SQL("SELECT r, count(*) FROM {}, unnest(reasons) r GROUP BY r ORDER BY 2 DESC")
-            .format(classified)
-        ).fetchall())
-        result.examples = [
-            {"line": line, "reasons": reasons, "raw": raw[:200]}
-            for line, reasons, raw in conn.execute(
-                sql.SQL("""SELECT DISTINCT ON (reasons) line, reasons, raw FROM {}
-                           WHERE outcome = 'quarantine' ORDER BY reasons, line LIMIT 10""")
-                .format(classified)
-            )
-        ]
-        bad = int(counts.get("quarantine", 0))
-        share = bad / result.rows_read
-        budget = settings.ingest.failure_budget
-        rejected = share > budget
-        result.status = "rejected" if rejected else "merged"
-        batch_id = result.batch_id = _insert_ledger(conn, result, started)
-        if rejected:
-            result.error = _budget_message(result, share, budget)
-            # Nothing merged, nothing lost: every row is kept, the valid ones marked as such.
-            conn.execute(
-                sql.SQL("""INSERT INTO recranker.quarantine (batch_id, line, raw, reasons)
-                           SELECT %s, line, raw,
-                                  CASE WHEN cardinality(reasons) = 0 THEN ARRAY['batch_rejected']
-                                       ELSE reasons END
-                           FROM {}""").format(classified),
-                (batch_id,),
-            )
-            result.rows_quarantined = result.rows_read
-        else:
-            conn.execute(
-                sql.SQL("""INSERT INTO recranker.quarantine (batch_id, line, raw, reasons)
-                           SELECT %s, line, raw, reasons FROM {} WHERE outcome = 'quarantine'""")
-                .format(classified),
-                (batch_id,),
-            )
+    budget = settings.ingest.failure_budget
+    try:
+        with conn.transaction():
+            if not _lock_and_check(conn, result):
+                return
+            bad = _count_outcome(conn, classified, "quarantine")
+            if bad / result.rows_read > budget:
+                raise _OverBudget
+            batch_id = result.batch_id = _insert_ledger(conn, result, started)
+            _insert_interactions(conn, classified, batch_id)
+            counts = dict(_exec(conn, sql.SQL(
+                "SELECT outcome, count(*) FROM {} GROUP BY outcome").format(classified)).fetchall())
+            result.rows_quarantined = int(counts.get("quarantine", 0))
+            if result.rows_quarantined / result.rows_read > budget:
+                raise _OverBudget
+            result.rows_merged = int(counts.get("merge", 0))
+            result.rows_duplicate = int(counts.get("duplicate", 0))
+            _quarantine(conn, names, cols, batch_id, everything=False)
             result.items_upserted = _upsert_items(conn, names, has_items, classified, batch_id,
                                                   settings.ingest.auto_create_items)
             result.users_upserted = _upsert_users(conn, names, has_users, classified, batch_id)
-            merged = conn.execute(
-                sql.SQL("""INSERT INTO recranker.interactions
-                               (user_id, item_id, rating, event_ts, batch_id)
-                           SELECT user_id, item_id, rating, event_ts, %s FROM {}
-                           WHERE outcome = 'merge'
-                           ORDER BY user_id, item_id, event_ts
-                           ON CONFLICT DO NOTHING""").format(classified),
-                (batch_id,),
-            ).rowcount
-            expected = int(counts.get("merge", 0))
-            result.rows_merged = merged
-            # Rows another batch merged since classification are duplicates now.
-            result.rows_duplicate = int(counts.get("duplicate", 0)) + (expected - merged)
-            result.rows_quarantined = bad
-        conn.execute(
-            """UPDATE recranker.ingest_batches
-               SET status = %s, rows_read = %s, rows_merged = %s, rows_duplicate = %s,
-                   rows_quarantined = %s, items_upserted = %s, users_upserted = %s, error = %s,
-                   finished_at = now()
-               WHERE batch_id = %s""",
-            (result.status, result.rows_read, result.rows_merged, result.rows_duplicate,
-             result.rows_quarantined, result.items_upserted, result.users_upserted,
-             result.error, batch_id),
-        )
-        _insert_validation(conn, batch_id, "staged", "staged_batch", outcomes)
+            _describe_quarantine(conn, result, names, cols)
+            _finish_ledger(conn, result, outcomes)
+        return
+    except _OverBudget:
+        pass
+    # Rejected: a fresh transaction records the batch with every row in quarantine.
+    with conn.transaction():
+        if not _lock_and_check(conn, result):
+            return
+        for statement in resolve_repeats_sql(classified):
+            _exec(conn, statement)  # so that conflicts carry their reason too
+        result.status = "rejected"
+        batch_id = result.batch_id = _insert_ledger(conn, result, started)
+        result.rows_merged = result.rows_duplicate = 0
+        share = _count_outcome(conn, classified, "quarantine") / result.rows_read
+        _quarantine(conn, names, cols, batch_id, everything=True)
+        result.rows_quarantined = result.rows_read
+        _describe_quarantine(conn, result, names, cols)
+        result.error = _budget_message(result, share, budget)
+        _finish_ledger(conn, result, outcomes)
+
+
+def _lock_and_check(conn: psycopg.Connection, result: IngestResult) -> bool:
+    """Take the merge lock; False (and the result marked) when the content is merged already.
+
+    One merge at a time: what is stored cannot change between the repeat check and the insert,
+    and a second process ingesting the same content waits here, then sees it merged.
+    """
+    _exec(conn, "SELECT pg_advisory_xact_lock(%s)", (_LEDGER_LOCK,))
+    previous = _merged_batch(conn, result.content_hash)
+    if previous is not None:
+        _already(result, previous)
+        return False
+    return True
+
+
+def _count_outcome(conn: psycopg.Connection, classified: sql.Identifier, outcome: str) -> int:
+    row = _exec(conn, sql.SQL("SELECT count(*) FROM {} WHERE outcome = %s").format(classified),
+                (outcome,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _describe_quarantine(
+    conn: psycopg.Connection, result: IngestResult, names: _StagingNames, cols: StagedColumns
+) -> None:
+    """Counts per reason and the first line of each reason combination, for messages."""
+    classified = _StagingNames.ident(names.classified)
+    result.reasons = dict(_exec(conn, sql.SQL(
+        """SELECT r, count(*) FROM {}, unnest(reasons) r WHERE outcome = 'quarantine'
+           GROUP BY r ORDER BY 2 DESC, 1""").format(classified)).fetchall())
+    result.examples = [
+        {"line": line, "reasons": reasons, "raw": raw[:200]}
+        for line, reasons, raw in _exec(conn, sql.SQL(
+            """SELECT q.line, q.reasons, {raw}
+               FROM (SELECT DISTINCT ON (reasons) line, reasons FROM {c}
+                     WHERE outcome = 'quarantine' ORDER BY reasons, line) q
+               JOIN {s} s USING (line)
+               ORDER BY q.line LIMIT 10""").format(
+            c=classified, s=_StagingNames.ident(names.staging), raw=_raw_sql(cols)))
+    ]
+
+
+def _finish_ledger(
+    conn: psycopg.Connection, result: IngestResult, outcomes: list[ExpectationOutcome]
+) -> None:
+    _exec(conn,
+        """UPDATE recranker.ingest_batches
+           SET status = %s, rows_read = %s, rows_merged = %s, rows_duplicate = %s,
+               rows_quarantined = %s, items_upserted = %s, users_upserted = %s, error = %s,
+               finished_at = now()
+           WHERE batch_id = %s""",
+        (result.status, result.rows_read, result.rows_merged, result.rows_duplicate,
+         result.rows_quarantined, result.items_upserted, result.users_upserted,
+         result.error, result.batch_id),
+    )
+    assert result.batch_id is not None
+    _insert_validation(conn, result.batch_id, "staged", "staged_batch", outcomes)
+
+
+def _insert_interactions(
+    conn: psycopg.Connection, classified: sql.Identifier, batch_id: int
+) -> None:
+    """Insert the valid rows, resolving repeats only when there are any.
+
+    Most batches repeat nothing, so the insert is tried as is first: a plain insert into the
+    primary key is about twice as fast as ON CONFLICT. A unique violation means some rows repeat
+    a stored row or an earlier line; the insert is undone to its savepoint, those rows are marked
+    duplicate or conflict, and the rest is inserted. The merge lock keeps the table still.
+    """
+    insert = sql.SQL("""INSERT INTO recranker.interactions
+                            (user_id, item_id, rating, event_ts, batch_id)
+                        SELECT user_id, item_id, rating, event_ts, %s FROM {}
+                        WHERE outcome = 'merge'
+                        ORDER BY user_id COLLATE "C", item_id COLLATE "C", event_ts""").format(classified)
+    try:
+        with conn.transaction():
+            _exec(conn, insert, (batch_id,))
+        return
+    except psycopg.errors.UniqueViolation:
+        log.info("the batch repeats stored rows or its own lines; resolving the repeats")
+    for statement in resolve_repeats_sql(classified):
+        _exec(conn, statement)
+    _exec(conn, insert, (batch_id,))
+
+
+def _raw_sql(cols: StagedColumns) -> sql.Composable:
+    """The staged line as text: kept verbatim for lines the reader could not split, rebuilt from
+    the fields otherwise (only ever computed for quarantined rows)."""
+    fields = sql.SQL(", ").join(
+        sql.SQL("coalesce(s.{}, '')").format(sql.Identifier(f"c{i}")) for i in range(cols.count)
+    )
+    return sql.SQL("coalesce(s.raw, concat_ws({}, {}))").format(sql.Literal(cols.delimiter), fields)
+
+
+def _quarantine(
+    conn: psycopg.Connection, names: _StagingNames, cols: StagedColumns, batch_id: int,
+    everything: bool,
+) -> None:
+    _exec(conn, 
+        sql.SQL("""INSERT INTO recranker.quarantine (batch_id, line, raw, reasons)
+                   SELECT %s, c.line, {raw},
+                          CASE WHEN cardinality(c.reasons) = 0 THEN ARRAY['batch_rejected']
+                               ELSE c.reasons END
+                   FROM {c} c JOIN {s} s USING (line)
+                   WHERE {which}""").format(
+            raw=_raw_sql(cols),
+            c=_StagingNames.ident(names.classified),
+            s=_StagingNames.ident(names.staging),
+            which=sql.SQL("true" if everything else "c.outcome = 'quarantine'"),
+        ),
+        (batch_id,),
+    )
 
 
 def _budget_message(result: IngestResult, share: float, budget: float) -> str:
@@ -584,7 +684,7 @@ def _upsert_items(
 ) -> int:
     n = 0
     if has_items:
-        n += conn.execute(
+        n += _exec(conn, 
             sql.SQL("""INSERT INTO recranker.items
                            (item_id, title, year, genres, attributes, first_batch_id)
                        SELECT item_id, title, year, coalesce(genres, '{{}}'), attributes, %s
@@ -600,7 +700,7 @@ def _upsert_items(
             (batch_id,),
         ).rowcount
     if auto_create:
-        n += conn.execute(
+        n += _exec(conn, 
             sql.SQL("""INSERT INTO recranker.items (item_id, first_batch_id)
                        SELECT DISTINCT item_id, %s::bigint FROM {} WHERE outcome = 'merge'
                        ON CONFLICT (item_id) DO NOTHING""").format(classified),
@@ -615,7 +715,7 @@ def _upsert_users(
 ) -> int:
     n = 0
     if has_users:
-        n += conn.execute(
+        n += _exec(conn, 
             sql.SQL("""INSERT INTO recranker.users (user_id, attributes, first_batch_id)
                        SELECT user_id, attributes, %s FROM {} ORDER BY user_id
                        ON CONFLICT (user_id) DO UPDATE
@@ -624,7 +724,7 @@ def _upsert_users(
             .format(_StagingNames.ident(names.users)),
             (batch_id,),
         ).rowcount
-    n += conn.execute(
+    n += _exec(conn, 
         sql.SQL("""INSERT INTO recranker.users (user_id, first_batch_id)
                    SELECT DISTINCT user_id, %s::bigint FROM {} WHERE outcome = 'merge'
                    ON CONFLICT (user_id) DO NOTHING""").format(classified),

@@ -30,9 +30,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from recranker_core.config import Settings
+from recranker_core.db.connect import redact_url
 from recranker_core.errors import ConfigError, StackError
 
 if TYPE_CHECKING:
@@ -223,20 +224,6 @@ def _locked(home: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _redact_url(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -380,7 +367,7 @@ def _pg_external(settings: Settings) -> ServiceStatus:
         name="postgres",
         state="external",
         pid=None,
-        address=_redact_url(settings.database_url or ""),
+        address=redact_url(settings.database_url or ""),
         detail="RECRANKER_DATABASE_URL is set; not managed here",
     )
 
@@ -451,6 +438,14 @@ def _pg_command(args: list[str], *, user: str | None, cwd: Path, timeout: float)
 
     # PGDATA/PGPORT/PGHOST of the caller's shell would redirect initdb/pg_ctl elsewhere.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    drop: dict[str, Any] = {}
+    if user is not None:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        # user= alone keeps root's group: then a 0700/0701 parent directory owned by root
+        # (pytest's tmp dirs) denies traversal through its group bits, so drop the groups too.
+        drop = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
     with tempfile.TemporaryFile() as out:
         try:
             subprocess.run(
@@ -459,10 +454,10 @@ def _pg_command(args: list[str], *, user: str | None, cwd: Path, timeout: float)
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                user=user,
                 cwd=cwd,
                 env=env,
                 timeout=timeout,
+                **drop,
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             out.seek(0)
@@ -609,24 +604,28 @@ def _pg_start(layout: _PgLayout) -> ServiceStatus:
     if not layout.log.exists():
         layout.log.touch(mode=0o600)
     _give_to(layout.log, user)
-    _pg_command(
-        [
-            str(bin_dir / "pg_ctl"),
-            "-D",
-            str(layout.data),
-            "-l",
-            str(layout.log),
-            "-o",
-            f"-p {port}",
-            "-w",
-            "-t",
-            str(PG_START_TIMEOUT_S),
-            "start",
-        ],
-        user=user,
-        cwd=layout.data,
-        timeout=PG_START_TIMEOUT_S + 10,
-    )
+    log.info("starting embedded PostgreSQL on %s:%s, data in %s", HOST, port, layout.data)
+    try:
+        _pg_command(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(layout.data),
+                "-l",
+                str(layout.log),
+                "-o",
+                f"-p {port}",
+                "-w",
+                "-t",
+                str(PG_START_TIMEOUT_S),
+                "start",
+            ],
+            user=user,
+            cwd=layout.data,
+            timeout=PG_START_TIMEOUT_S + 10,
+        )
+    except StackError as exc:
+        raise StackError(f"{exc}\n{_log_tail(layout.log)}") from exc.__cause__
     proc, _ = _pg_find(layout)
     if proc is None:
         raise StackError(
@@ -699,7 +698,7 @@ def _s3_external(settings: Settings) -> ServiceStatus:
         name="s3",
         state="external",
         pid=None,
-        address=_redact_url(settings.s3_endpoint or ""),
+        address=redact_url(settings.s3_endpoint or ""),
         detail="RECRANKER_S3_ENDPOINT is set; not managed here",
     )
 
@@ -833,6 +832,9 @@ def _weed_command(weed: Path, layout: _S3Layout, ports: dict[str, int]) -> list[
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.telemetry=false",
+        # The pause lets other masters route writes away from a stopping volume server; with a
+        # single one it only delays `stack down`.
+        "-volume.preStopSeconds=0",
     ]
     for service, port in ports.items():
         cmd += [f"-{service}.port={port}", f"-{service}.port.grpc={port + WEED_GRPC_OFFSET}"]

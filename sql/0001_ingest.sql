@@ -1,4 +1,7 @@
 -- Foundation schema: the catalogue, interactions and the ingest ledger with its quarantine.
+-- Ids are opaque text compared byte-wise (COLLATE "C"): the same order on every machine, no
+-- index corruption when the OS collation library changes, and much cheaper comparisons in the
+-- primary keys that every ingest inserts into.
 -- Interactions carry no foreign keys on purpose: the ingest checks users/items itself before the
 -- merge, and per-row FK triggers would halve bulk-merge throughput.
 
@@ -32,7 +35,7 @@ CREATE UNIQUE INDEX ingest_batches_merged_hash
     ON recranker.ingest_batches (content_hash) WHERE status = 'merged';
 
 CREATE TABLE recranker.items (
-    item_id        text PRIMARY KEY,
+    item_id        text COLLATE "C" PRIMARY KEY,
     title          text,
     year           integer,
     genres         text[]      NOT NULL DEFAULT '{}',
@@ -42,15 +45,15 @@ CREATE TABLE recranker.items (
 );
 
 CREATE TABLE recranker.users (
-    user_id        text PRIMARY KEY,
+    user_id        text COLLATE "C" PRIMARY KEY,
     attributes     jsonb       NOT NULL DEFAULT '{}',
     first_batch_id bigint,
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE TABLE recranker.interactions (
-    user_id   text        NOT NULL,
-    item_id   text        NOT NULL,
+    user_id   text COLLATE "C" NOT NULL,
+    item_id   text COLLATE "C" NOT NULL,
     rating    real,
     event_ts  timestamptz NOT NULL,
     batch_id  bigint      NOT NULL,

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -261,10 +262,10 @@ def _extract_member(zf: zipfile.ZipFile, wheel: Path, name: str, dest: Path) -> 
                 return False
 
     log.info("Extracting %s to %s", member, dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
+    # Not mkstemp: its files are private (0600); these get the usual umask permissions.
+    tmp = dest.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+        with tmp.open("xb") as out, zf.open(info) as src:
             shutil.copyfileobj(src, out, length=1 << 20)
         os.replace(tmp, dest)
     except BaseException:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,6 +111,16 @@ _ADJECTIVES = (
     "Frozen", "Secret", "Burning", "Distant", "Quiet", "Electric", "Savage", "Little", "Midnight",
     "Forgotten", "Restless", "Bitter", "Hollow", "Shining", "Final", "Lonely", "Iron", "Velvet",
 )  # fmt: skip
+# MovieLens moves a leading article to the end ("River, The"), which puts commas in titles; the
+# quoted form puts quotes in some. Both must survive a CSV round trip.
+_TITLE_PATTERNS = (
+    "The {adj} {noun}",
+    "{adj} {noun}",
+    "{noun} of the {noun2}",
+    "{adj} {noun}, The",
+    "{noun}: The {adj} {noun2}",
+    '"{adj}" {noun}',
+)
 _NOUNS = (
     "River", "City", "Summer", "Road", "Heart", "Empire", "Garden", "Storm", "Island", "Night",
     "Mirror", "Kingdom", "Harbor", "Promise", "Frontier", "Shadow", "Orchard", "Station", "Winter",
@@ -153,7 +163,6 @@ def generate(
     _check_arguments(users, items, interactions, seed, fmt, chunk_rows, end, days)
     import numpy as np
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     window = days * 86_400
     counts = _activity_counts(users, items, interactions, seed)
     busiest = int(counts.max())
@@ -162,6 +171,7 @@ def generate(
             f"one synthetic user needs {busiest:,} distinct timestamps but the window holds only "
             f"{window:,} seconds; raise days or users, or lower interactions"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = _ItemModel.build(items, seed)
     thresholds = _rating_thresholds(model, counts, seed)
 
@@ -506,9 +516,8 @@ def _rechunk(blocks: Iterator[pa.Table], chunk_rows: int) -> Iterator[pa.Table]:
 
 def _atomic_write(path: Path, write: Callable[[Path], int]) -> tuple[Path, int]:
     """Run `write` on a temporary file next to `path`, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Not mkstemp: its files are private (0600); these get the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         rows = write(tmp)
         os.replace(tmp, path)
@@ -613,30 +622,45 @@ def _write_items(path: Path, model: _ItemModel, item_ids: pa.Array, end: int, se
                 rng = _rng(seed, _STREAM_ITEMS, part)
                 n = last - first
                 # Release years lean recent; a few are unknown, as in MovieLens.
-                year = np.maximum(last_year - np.floor(rng.exponential(12.0, n)), 1920).astype(int)
+                year = np.maximum(last_year - np.floor(rng.exponential(12.0, n)), 1920)
                 no_year = rng.random(n) < _MISSING_YEAR_SHARE
                 extra = rng.choice(3, size=n, p=[0.45, 0.35, 0.2])
                 extra_genres = rng.integers(0, len(genre_names), size=(n, 2))
-                pattern = rng.integers(0, 6, size=n)
+                pattern = rng.integers(0, len(_TITLE_PATTERNS), size=n)
                 adj = rng.integers(0, len(_ADJECTIVES), size=n)
                 noun = rng.integers(0, len(_NOUNS), size=(n, 2))
                 sequel = rng.random(n) < 0.04
+                # Plain Python values from here on: indexing numpy arrays one element at a
+                # time is several times slower than lists.
+                years = [
+                    "" if miss else str(y)
+                    for y, miss in zip(year.astype(int).tolist(), no_year.tolist(), strict=True)
+                ]
+                primary = model.genre[first:last].tolist()
                 rows = []
-                for k in range(n):
-                    genres = [genre_names[model.genre[first + k]]]
-                    for g in extra_genres[k, : extra[k]]:
+                for k, (pat, a, (n1, n2), (g1, g2), n_extra, is_sequel) in enumerate(
+                    zip(
+                        pattern.tolist(),
+                        adj.tolist(),
+                        noun.tolist(),
+                        extra_genres.tolist(),
+                        extra.tolist(),
+                        sequel.tolist(),
+                        strict=True,
+                    )
+                ):
+                    genres = [genre_names[primary[k]]]
+                    for g in (g1, g2)[:n_extra]:
                         if genre_names[g] not in genres:
                             genres.append(genre_names[g])
-                    title = _title(
-                        int(pattern[k]), _ADJECTIVES[adj[k]], _NOUNS[noun[k, 0]], _NOUNS[noun[k, 1]]
+                    title = _TITLE_PATTERNS[pat].format(
+                        adj=_ADJECTIVES[a], noun=_NOUNS[n1], noun2=_NOUNS[n2]
                     )
-                    if sequel[k]:
-                        title += " II"
                     rows.append(
                         (
                             ids[first + k],
-                            title,
-                            "" if no_year[k] else str(year[k]),
+                            title + " II" if is_sequel else title,
+                            years[k],
                             "|".join(genres),
                         )
                     )
@@ -644,18 +668,3 @@ def _write_items(path: Path, model: _ItemModel, item_ids: pa.Array, end: int, se
         return model.n
 
     return _atomic_write(path, write)[0]
-
-
-def _title(pattern: int, adj: str, noun: str, noun2: str) -> str:
-    if pattern == 0:
-        return f"The {adj} {noun}"
-    if pattern == 1:
-        return f"{adj} {noun}"
-    if pattern == 2:
-        return f"{noun} of the {noun2}"
-    if pattern == 3:
-        # MovieLens moves the article to the end, which puts a comma in the title.
-        return f"{adj} {noun}, The"
-    if pattern == 4:
-        return f"{noun}: The {adj} {noun2}"
-    return f'"{adj}" {noun}'

@@ -50,8 +50,6 @@ def _staged_expectations(rules: IngestSettings) -> list[Any]:
         ),
         gxe.ExpectColumnValuesToNotBeNull(column="event_ts"),
         gxe.ExpectColumnValuesToBeBetween(column="event_ts", min_value=min_ts, max_value=max_ts),
-        # Informational: exact repeats are counted as duplicates, not as failures.
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "event_ts"]),
     ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import time
 import uuid
@@ -246,13 +247,16 @@ def test_down_stale_pid_files_and_restart(
     assert not (home / "s3" / "weed.pid").exists() and not (pgdata / "postmaster.pid").exists()
 
     write_stale()
-    up = _by_name(stack_up(settings))
+    # Something else took PostgreSQL's recorded port meanwhile: it moves and says so.
+    old_port = json.loads((home / "pg" / "state.json").read_text())["port"]
+    with socket.create_server(("127.0.0.1", old_port)):
+        up = _by_name(stack_up(settings))
     assert unrelated_process.poll() is None
     assert {s.state for s in up.values()} == {"running"}
     assert all("stale pid file removed" in s.detail for s in up.values())
-    # The recorded ports were free, so the addresses did not move.
-    assert up["postgres"].address == running["postgres"].address
-    assert up["s3"].address == running["s3"].address
+    assert f"port {old_port} was taken, moved to " in up["postgres"].detail
+    assert up["postgres"].address != running["postgres"].address
+    assert up["s3"].address == running["s3"].address  # its recorded ports were free
 
     with psycopg.connect(database_url(settings, start=False)) as conn:
         assert conn.execute("select x from survives_restart").fetchall() == [(42,)]
@@ -267,6 +271,11 @@ def test_down_stale_pid_files_and_restart(
     down = _by_name(stack_down(settings))
     assert down["s3"].detail == f"stopped (was pid {up['s3'].pid})"
     assert unrelated_process.poll() is None
+
+    # What the test session's fixture does: the database started on demand.
+    with psycopg.connect(database_url(settings, start=True)) as conn:
+        assert conn.execute("select x from survives_restart").fetchall() == [(42,)]
+    assert _by_name(stack_status(settings))["postgres"].state == "running"
 
 
 def test_external_services_are_reported_not_started(
