@@ -97,3 +97,28 @@ def settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
     from recranker_core.config import Settings
 
     return Settings(home=tmp_path / "home", database_url=database_url)
+
+
+@pytest.fixture(scope="session")
+def s3_settings(services_home: Path):  # type: ignore[no-untyped-def]
+    """Settings whose S3 is a real SeaweedFS started for this session with generated
+    credentials (a wrong key is refused), stopped afterwards."""
+    from recranker_core.config import Settings
+    from recranker_core.stack import stack_down, stack_up
+
+    settings = Settings(home=services_home, s3_endpoint=None)
+    stack_up(settings, postgres=False, s3=True)
+    try:
+        yield settings
+    finally:
+        stack_down(settings)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """Prefect's test harness (a real API server on a temporary database), once per session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
