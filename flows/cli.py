@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +28,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     movielens = "movielens"
     csv = "csv"
     parquet = "parquet"
@@ -115,8 +115,10 @@ def db_status() -> None:
 
     have = current_version(database_url(_settings()))
     latest = available_migrations()[-1].version
-    typer.echo(f"database at {have:04d}, code at {latest:04d}"
-               + ("" if have == latest else ": run `recranker db upgrade`"))
+    typer.echo(
+        f"database at {have:04d}, code at {latest:04d}"
+        + ("" if have == latest else ": run `recranker db upgrade`")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +152,9 @@ def data_synth(
     from recranker_core.datasets.synthetic import generate
 
     target = out or _settings().home / "datasets" / f"synth-{users}-{items}-{interactions}-{seed}"
-    files = generate(target, users=users, items=items, interactions=interactions, seed=seed,
-                     fmt=fmt.value)
+    files = generate(
+        target, users=users, items=items, interactions=interactions, seed=seed, fmt=fmt.value
+    )
     typer.echo(f"{files}")
 
 
@@ -208,12 +211,16 @@ def batches(
 
 
 def _print_ledger(rows: list[dict[str, Any]]) -> None:
-    typer.echo(f"{'batch':>5} {'file':<28} {'status':<9} {'read':>10} {'merged':>10} "
-               f"{'duplicate':>10} {'quarantined':>11}")
+    typer.echo(
+        f"{'batch':>5} {'file':<28} {'status':<9} {'read':>10} {'merged':>10} "
+        f"{'duplicate':>10} {'quarantined':>11}"
+    )
     for r in rows:
-        typer.echo(f"{r['batch_id']:>5} {r['file_name'][:28]:<28} {r['status']:<9} "
-                   f"{r['rows_read']:>10,} {r['rows_merged']:>10,} {r['rows_duplicate']:>10,} "
-                   f"{r['rows_quarantined']:>11,}")
+        typer.echo(
+            f"{r['batch_id']:>5} {r['file_name'][:28]:<28} {r['status']:<9} "
+            f"{r['rows_read']:>10,} {r['rows_merged']:>10,} {r['rows_duplicate']:>10,} "
+            f"{r['rows_quarantined']:>11,}"
+        )
 
 
 @app.command("settings")
@@ -243,18 +250,23 @@ def demo() -> None:
     applied = upgrade(url)
     typer.echo("schema: " + (", ".join(applied) if applied else "up to date"))
     files = fetch_movielens_100k(settings.home)
-    typer.echo(f"dataset: {files.interactions}")
+    typer.echo(
+        f"dataset: {files.inter} ({files.interactions:,} ratings, {files.users:,} users, "
+        f"{files.items:,} items)"
+    )
     from flows.ingest import ingest_flow
 
-    for r in ingest_flow(str(files.interactions), "movielens"):
+    for r in ingest_flow(str(files.inter), "movielens"):
         typer.echo(r.summary())
     typer.echo("\ningest ledger:")
     _print_ledger(ledger(url, 10))
     from recranker_core.ingest import table_counts
 
     counts = table_counts(url)
-    typer.echo(f"\nrecranker.interactions: {counts['interactions']:,} rows, "
-               f"{counts['users']:,} users, {counts['items']:,} items")
+    typer.echo(
+        f"\nrecranker.interactions: {counts['interactions']:,} rows, "
+        f"{counts['users']:,} users, {counts['items']:,} items"
+    )
 
 
 def main() -> None:

@@ -20,8 +20,9 @@ def ingest_flow(source: str, format: str | None = None) -> list[IngestResult]:
     database_url = resolve_database(settings)
     files = discover_files(source, format, settings)
     results = [ingest_file_task(src, settings, database_url) for src in files]
-    create_table_artifact(key="ingest-ledger", table=results_table(results),
-                          description=f"Ingest of {source}")
+    create_table_artifact(
+        key="ingest-ledger", table=results_table(results), description=f"Ingest of {source}"
+    )
     rejected = [r for r in results if r.status == "rejected"]
     if rejected:
         raise ValidationFailed(

@@ -1,3 +1,3 @@
-"""recranker: a batch recommender with an instruction-tuned LLM ranker (core library, no Prefect)."""
+"""recranker: a batch recommender with an instruction-tuned LLM ranker (core library; no Prefect)"""
 
 __version__ = "0.1.0"

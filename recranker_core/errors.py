@@ -11,11 +11,11 @@ class ConfigError(RecrankerError):
 
 
 class StackError(RecrankerError):
-    """A local service (embedded PostgreSQL, SeaweedFS) could not be started, found or stopped."""
+    """A local service (embedded PostgreSQL, SeaweedFS) could not be started, found, stopped."""
 
 
 class DataError(RecrankerError):
-    """An input file cannot be read as interactions at all (empty, wrong columns, unknown format)."""
+    """An input file cannot be read as interactions (empty, missing columns, unknown format)."""
 
 
 class ValidationFailed(RecrankerError):

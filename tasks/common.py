@@ -17,8 +17,12 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
     try:
         state.result()
-    except (psycopg.OperationalError, botocore.exceptions.EndpointConnectionError,
-            ConnectionError, TimeoutError):
+    except (
+        psycopg.OperationalError,
+        botocore.exceptions.EndpointConnectionError,
+        ConnectionError,
+        TimeoutError,
+    ):
         return True
     except Exception:
         return False

@@ -64,8 +64,9 @@ def publish_batch_artifacts(result: IngestResult) -> None:
             description=f"Great Expectations results for {result.file_name} "
             f"(batch {result.batch_id})",
         )
-    create_markdown_artifact(key=key, markdown=batch_markdown(result),
-                             description=f"Ingest of {result.file_name}")
+    create_markdown_artifact(
+        key=key, markdown=batch_markdown(result), description=f"Ingest of {result.file_name}"
+    )
 
 
 def batch_markdown(result: IngestResult) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recranker_core.datasets.movielens import UserRecord
 from recranker_core.errors import DataError
 
 if TYPE_CHECKING:
@@ -101,7 +102,9 @@ def describe_file(path: Path, fmt: str | None, source: str | None = None) -> Sou
     )
 
 
-def discover(target: str, fmt: str | None, cache_dir: Path, s3: S3Config | None) -> list[SourceFile]:
+def discover(
+    target: str, fmt: str | None, cache_dir: Path, s3: S3Config | None
+) -> list[SourceFile]:
     """The interaction files behind a file, a directory or an s3://bucket/prefix, in name order.
 
     s3 objects are downloaded into cache_dir first (the ingest reads files, and the content hash
@@ -176,7 +179,8 @@ def map_header(columns: list[str], where: str) -> Header:
                 break
         else:
             raise DataError(
-                f"{where}, line 1: no {field_name!r} column (accepted names: {', '.join(aliases)}); "
+                f"{where}, line 1: no {field_name!r} column "
+                f"(accepted names: {', '.join(aliases)}); "
                 f"the header has {', '.join(repr(c) for c in columns) or 'no columns'}"
             )
     return header
@@ -191,10 +195,8 @@ class ItemRow:
     attributes: dict[str, str]
 
 
-@dataclass(frozen=True)
-class UserRow:
-    user_id: str
-    attributes: dict[str, str]
+def _is_atomic(path: Path) -> bool:
+    return path.suffix.lower() in (".item", ".user")
 
 
 def _catalogue_rows(path: Path, id_field: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -234,7 +236,15 @@ def _catalogue_rows(path: Path, id_field: str) -> tuple[list[str], list[tuple[in
 
 
 def read_items(path: Path) -> list[ItemRow]:
-    """Items of a MovieLens `.item` file or an items CSV (item_id,title,year,genres,...)."""
+    """Items of a MovieLens `.item` file or an items CSV (item_id,title,year,genres,...).
+
+    A year that is not a number becomes None, its text kept in attributes["year_raw"]: a
+    catalogue typo is no reason to refuse a day of interactions.
+    """
+    if _is_atomic(path):
+        from recranker_core.datasets.movielens import load_items
+
+        return [ItemRow(i.item_id, i.title, i.year, i.genres, {}) for i in load_items(path)]
     header, rows = _catalogue_rows(path, "item_id")
     pos = {name: i for i, name in enumerate(header)}
     title_col = next((c for c in ("title", "movie_title", "name") if c in pos), None)
@@ -247,12 +257,16 @@ def read_items(path: Path) -> list[ItemRow]:
         if not item_id:
             raise DataError(f"{path}, line {line}: item_id is empty")
         year: int | None = None
-        if year_col is not None and fields[pos[year_col]].strip():
-            raw_year = fields[pos[year_col]].strip()
+        attributes = {h: fields[i] for h, i in pos.items() if h not in known}
+        raw_year = fields[pos[year_col]].strip() if year_col is not None else ""
+        if raw_year:
             try:
                 year = int(float(raw_year))
-            except ValueError as exc:
-                raise DataError(f"{path}, line {line}: year {raw_year!r} is not a number") from exc
+            except ValueError:
+                log.warning(
+                    "%s, line %d: year %r is not a number; stored as unknown", path, line, raw_year
+                )
+                attributes["year_raw"] = raw_year
         genres: list[str] = []
         if genre_col is not None:
             raw = fields[pos[genre_col]].strip()
@@ -265,14 +279,18 @@ def read_items(path: Path) -> list[ItemRow]:
                 title=(fields[pos[title_col]].strip() or None) if title_col else None,
                 year=year,
                 genres=genres,
-                attributes={h: fields[i] for h, i in pos.items() if h not in known},
+                attributes=attributes,
             )
         )
     return items
 
 
-def read_users(path: Path) -> list[UserRow]:
+def read_users(path: Path) -> list[UserRecord]:
     """Users of a MovieLens `.user` file or a users CSV (user_id plus any attribute columns)."""
+    if _is_atomic(path):
+        from recranker_core.datasets.movielens import load_users
+
+        return load_users(path)
     header, rows = _catalogue_rows(path, "user_id")
     uid = header.index("user_id")
     users = []
@@ -281,7 +299,7 @@ def read_users(path: Path) -> list[UserRow]:
         if not user_id:
             raise DataError(f"{path}, line {line}: user_id is empty")
         users.append(
-            UserRow(
+            UserRecord(
                 user_id=user_id,
                 attributes={h: fields[i] for i, h in enumerate(header) if i != uid},
             )

@@ -39,10 +39,10 @@ def sqlalchemy_url(url: str) -> str:
     return "postgresql+psycopg://" + libpq_url(url).partition("://")[2]
 
 
-def connect(url: str, *, autocommit: bool = False, application_name: str = "recranker") -> psycopg.Connection:
+def connect(
+    url: str, *, autocommit: bool = False, application_name: str = "recranker"
+) -> psycopg.Connection:
     """Open a psycopg connection; the caller closes it (use it as a context manager)."""
     import psycopg
 
-    return psycopg.connect(
-        libpq_url(url), autocommit=autocommit, application_name=application_name
-    )
+    return psycopg.connect(libpq_url(url), autocommit=autocommit, application_name=application_name)

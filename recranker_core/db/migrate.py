@@ -78,7 +78,7 @@ def upgrade(database_url: str) -> list[str]:
                         )
                     continue
                 with conn.transaction():
-                    conn.execute(mig.sql)  # type: ignore[arg-type]
+                    conn.execute(mig.sql.encode())
                     conn.execute(
                         "INSERT INTO recranker.schema_migrations (version, name, checksum) "
                         "VALUES (%s, %s, %s)",
@@ -99,7 +99,9 @@ def current_version(database_url: str) -> int:
         ).fetchone()
         if not exists or not exists[0]:
             return 0
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM recranker.schema_migrations").fetchone()
+        row = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM recranker.schema_migrations"
+        ).fetchone()
         return int(row[0]) if row else 0
 
 

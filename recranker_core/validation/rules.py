@@ -172,7 +172,8 @@ def resolve_repeats_sql(classified: sql.Identifier) -> list[sql.Composed]:
         sql.SQL(
             """
 UPDATE {c} AS c
-SET outcome = CASE WHEN e.rating IS NOT DISTINCT FROM c.rating THEN 'duplicate' ELSE 'quarantine' END,
+SET outcome = CASE WHEN e.rating IS NOT DISTINCT FROM c.rating THEN 'duplicate'
+                   ELSE 'quarantine' END,
     reasons = CASE WHEN e.rating IS NOT DISTINCT FROM c.rating THEN c.reasons
                    ELSE ARRAY['conflicts_with_existing'] END
 FROM recranker.interactions e

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from recranker_core.config import Settings
 from recranker_core.datasets.sources import describe_file
@@ -14,7 +13,9 @@ from recranker_core.errors import ValidationFailed
 from recranker_core.ingest import IngestResult, ingest_file
 
 HEADER = "user_id,item_id,rating,timestamp\n"
-ITEMS = "item_id,title,year,genres\ni1,One,1999,Drama|Comedy\ni2,Two,,\ni3,\"Three, the\",2001,Action\n"
+ITEMS = (
+    'item_id,title,year,genres\ni1,One,1999,Drama|Comedy\ni2,Two,,\ni3,"Three, the",2001,Action\n'
+)
 
 
 def write(directory: Path, name: str, body: str | bytes, items: bool = True) -> Path:
@@ -60,7 +61,10 @@ def check_accounting(url: str, result: IngestResult) -> None:
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'recranker_staging'"
         ).fetchone()
     assert ledger == (
-        result.status, result.rows_read, result.rows_merged, result.rows_duplicate,
+        result.status,
+        result.rows_read,
+        result.rows_merged,
+        result.rows_duplicate,
         result.rows_quarantined,
     )
     assert quarantined == (result.rows_quarantined,)
@@ -80,7 +84,9 @@ def quarantine_of(url: str, batch_id: int | None) -> dict[int, list[str]]:
 
 
 def test_clean_file_merges_and_rerun_is_noop(tmp_path: Path, settings: Settings, clean_db: str):
-    path = write(tmp_path, "a.csv", HEADER + "u1,i1,5,1000000000\nu1,i2,3,1000000001\nu2,i3,4,1000000003\n")
+    path = write(
+        tmp_path, "a.csv", HEADER + "u1,i1,5,1000000000\nu1,i2,3,1000000001\nu2,i3,4,1000000003\n"
+    )
     first = run(path, settings, clean_db)
     assert (first.status, first.rows_read, first.rows_merged) == ("merged", 3, 3)
     assert first.items_upserted == 3 and first.users_upserted == 2
@@ -117,7 +123,9 @@ def test_missing_column_names_file_line_and_field(tmp_path, settings, clean_db):
 
 
 def test_extra_header_columns_are_ignored(tmp_path, settings, clean_db):
-    path = write(tmp_path, "x.csv", "user_id,item_id,rating,timestamp,device\nu1,i1,4,1000000000,tv\n")
+    path = write(
+        tmp_path, "x.csv", "user_id,item_id,rating,timestamp,device\nu1,i1,4,1000000000,tv\n"
+    )
     result = run(path, settings, clean_db)
     assert (result.status, result.rows_merged) == ("merged", 1)
 
@@ -129,7 +137,7 @@ def test_structural_errors_are_quarantined_per_line(tmp_path, settings, clean_db
         + b"u1,i2,5,1000000001,extra\n"  # line 3: too many fields
         + b"u1,i3\n"  # line 4: too few
         + b"u\xff\xfe,i1,4,1000000002\n"  # line 5: not UTF-8
-        + b"u2,\"i1,4,1000000003\n"  # line 6: unbalanced quote
+        + b'u2,"i1,4,1000000003\n'  # line 6: unbalanced quote
         + b"\n"  # line 7: empty
         + b"u3,i1,"  # line 8: truncated last line, no newline
     )
@@ -148,25 +156,29 @@ def test_structural_errors_are_quarantined_per_line(tmp_path, settings, clean_db
 
 def test_value_errors_are_quarantined_with_every_reason(tmp_path, settings, clean_db):
     long_id = "u" * 1024
-    body = HEADER + "\n".join(
-        [
-            "u1,i1,5,1000000000",  # 2 ok
-            "u1,i2,abc,1000000001",  # 3
-            "u1,i3,0,1000000002",  # 4
-            "u1,i1,6,1000000003",  # 5
-            "u1,i2,NaN,1000000004",  # 6
-            "u1,i3,inf,1000000005",  # 7
-            "u1,i1,4,yesterday",  # 8
-            "u1,i2,4,99999999999",  # 9 (year 5138)
-            "u1,i3,4,-86400",  # 10 (1969)
-            f"{long_id},i1,4,1000000006",  # 11
-            ",i1,4,1000000007",  # 12
-            "u1,nope,4,1000000008",  # 13
-            "u1,i1,,",  # 14
-            "u1,i2,4.5,2003-02-30T10:00:00Z",  # 15 (no such day)
-            "u1,i2,4.5,2003-02-03T10:00:00Z",  # 16 ok, ISO
-        ]
-    ) + "\n"
+    body = (
+        HEADER
+        + "\n".join(
+            [
+                "u1,i1,5,1000000000",  # 2 ok
+                "u1,i2,abc,1000000001",  # 3
+                "u1,i3,0,1000000002",  # 4
+                "u1,i1,6,1000000003",  # 5
+                "u1,i2,NaN,1000000004",  # 6
+                "u1,i3,inf,1000000005",  # 7
+                "u1,i1,4,yesterday",  # 8
+                "u1,i2,4,99999999999",  # 9 (year 5138)
+                "u1,i3,4,-86400",  # 10 (1969)
+                f"{long_id},i1,4,1000000006",  # 11
+                ",i1,4,1000000007",  # 12
+                "u1,nope,4,1000000008",  # 13
+                "u1,i1,,",  # 14
+                "u1,i2,4.5,2003-02-30T10:00:00Z",  # 15 (no such day)
+                "u1,i2,4.5,2003-02-03T10:00:00Z",  # 16 ok, ISO
+            ]
+        )
+        + "\n"
+    )
     result = run(write(tmp_path, "v.csv", body), lenient(settings), clean_db)
     assert result.status == "merged" and result.rows_read == 15 and result.rows_merged == 2
     assert quarantine_of(clean_db, result.batch_id) == {
@@ -187,13 +199,18 @@ def test_value_errors_are_quarantined_with_every_reason(tmp_path, settings, clea
     check_accounting(clean_db, result)
     # GX saw the same rows as the split: each expectation's failures match the reasons.
     by_expectation = {
-        (v["expectation"], v["column"]): v for v in result.validation if v["suite"] == "staged_batch"
+        (v["expectation"], v["column"]): v
+        for v in result.validation
+        if v["suite"] == "staged_batch"
     }
     assert by_expectation[("expect_column_values_to_be_between", "rating")]["unexpected_count"] == 2
-    assert by_expectation[("expect_column_values_to_be_in_set", "item_known")]["unexpected_count"] == 1
-    assert by_expectation[("expect_column_value_lengths_to_be_between", "user_id")][
-        "unexpected_count"
-    ] == 1
+    assert (
+        by_expectation[("expect_column_values_to_be_in_set", "item_known")]["unexpected_count"] == 1
+    )
+    assert (
+        by_expectation[("expect_column_value_lengths_to_be_between", "user_id")]["unexpected_count"]
+        == 1
+    )
 
 
 def test_awkward_ids_are_stored_verbatim(tmp_path, settings, clean_db):
@@ -209,11 +226,16 @@ def test_awkward_ids_are_stored_verbatim(tmp_path, settings, clean_db):
 
 
 def test_duplicates_within_and_across_files(tmp_path, settings, clean_db):
-    first = write(tmp_path / "a", "day1.csv", HEADER + "u1,i1,5,1000000000\nu1,i1,5,1000000000\nu1,i2,3,1000000001\n")
+    first = write(
+        tmp_path / "a",
+        "day1.csv",
+        HEADER + "u1,i1,5,1000000000\nu1,i1,5,1000000000\nu1,i2,3,1000000001\n",
+    )
     r1 = run(first, settings, clean_db)
     assert (r1.rows_merged, r1.rows_duplicate, r1.rows_quarantined) == (2, 1, 0)
     second = write(
-        tmp_path / "b", "day2.csv",
+        tmp_path / "b",
+        "day2.csv",
         HEADER
         + "u1,i1,5,1000000000\n"  # same as day 1: duplicate
         + "u1,i2,4,1000000001\n"  # day 1 said 3: conflict
@@ -271,15 +293,18 @@ def test_parquet_and_tsv_sources(tmp_path, settings, clean_db):
             "user_id": ["u1", "u2", None],
             "item_id": ["i2", "i3", "i1"],
             "rating": [5.0, 7.0, 3.0],
-            "timestamp": pa.array([1_000_000_000_000_000, 1_000_000_001_000_000, 1_000_000_002_000_000],
-                                  pa.timestamp("us", "UTC")),
+            "timestamp": pa.array(
+                [1_000_000_000_000_000, 1_000_000_001_000_000, 1_000_000_002_000_000],
+                pa.timestamp("us", "UTC"),
+            ),
         }
     )
     pq.write_table(table, tmp_path / "p.parquet")
     result = run(tmp_path / "p.parquet", lenient(settings), clean_db)
     assert (result.rows_read, result.rows_merged, result.rows_quarantined) == (3, 1, 2)
     assert quarantine_of(clean_db, result.batch_id) == {
-        2: ["rating_out_of_range"], 3: ["user_id_missing"]
+        2: ["rating_out_of_range"],
+        3: ["user_id_missing"],
     }
     with psycopg.connect(clean_db) as conn:
         ts = conn.execute(

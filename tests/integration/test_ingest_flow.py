@@ -23,8 +23,11 @@ ITEMS = "item_id,title,year,genres\ni1,One,1999,Drama\ni2,Two,2001,Comedy\n"
 def test_ingest_from_s3_prefix(s3_settings: Settings, settings: Settings, clean_db: str):
     cfg = s3_config(s3_settings)
     client = cfg.client()
-    client.put_object(Bucket=cfg.bucket, Key="drop/2026-11-20.csv",
-                      Body=(HEADER + "u1,i1,4,1000000000\nu2,i2,5,1000000001\n").encode())
+    client.put_object(
+        Bucket=cfg.bucket,
+        Key="drop/2026-11-20.csv",
+        Body=(HEADER + "u1,i1,4,1000000000\nu2,i2,5,1000000001\n").encode(),
+    )
     client.put_object(Bucket=cfg.bucket, Key="drop/items.csv", Body=ITEMS.encode())
     results = ingest(f"s3://{cfg.bucket}/drop/", settings, clean_db, s3=cfg)
     assert [(r.status, r.rows_merged, r.source) for r in results] == [
@@ -96,7 +99,10 @@ def test_cli_json_and_exit_codes(prefect_api: str, flow_env, tmp_path):
     assert first.returncode == 0, first.stderr
     row = json.loads(first.stdout.strip().splitlines()[-1])
     assert (row["status"], row["rows_read"], row["rows_merged"], row["rows_duplicate"]) == (
-        "merged", 2, 1, 1,
+        "merged",
+        2,
+        1,
+        1,
     )
     again = _cli(["ingest", str(good), "--json"], flow_env, prefect_api)
     assert again.returncode == 0

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -37,7 +36,9 @@ def _counts(url: str) -> tuple[int, int, int]:
     return row
 
 
-def test_killed_mid_merge_leaves_no_partial_batch(million: SynthFiles, settings: Settings, clean_db: str):
+def test_killed_mid_merge_leaves_no_partial_batch(
+    million: SynthFiles, settings: Settings, clean_db: str
+):
     # A first small batch so "as it was before" is not simply "empty".
     first = million.directory / "first"
     first.mkdir()
@@ -87,7 +88,9 @@ def test_killed_mid_merge_leaves_no_partial_batch(million: SynthFiles, settings:
     result = ingest_file(describe_file(million.interactions, None), settings, clean_db)
     assert result.status == "merged"
     # Generated rows are all valid and unique, so every one of them must land.
-    assert (result.rows_read, result.rows_merged, result.rows_quarantined) == (1_000_000,) * 2 + (0,)
+    assert (result.rows_read, result.rows_merged, result.rows_quarantined) == (1_000_000,) * 2 + (
+        0,
+    )
     with psycopg.connect(clean_db) as conn:
         assert conn.execute(
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'recranker_staging'"
