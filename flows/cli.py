@@ -223,6 +223,30 @@ def _print_ledger(rows: list[dict[str, Any]]) -> None:
         )
 
 
+@app.command("quarantine")
+def quarantine(
+    batch_id: Annotated[int, typer.Argument(help="The batch, as shown by `recranker batches`.")],
+    limit: Annotated[int, typer.Option(help="How many quarantined lines to show.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show why a batch's rows were quarantined, and its first quarantined lines."""
+    from recranker_core.ingest import quarantined
+    from recranker_core.stack import database_url
+
+    found = quarantined(database_url(_settings()), batch_id, limit)
+    if as_json:
+        _echo_json(found)
+        return
+    if not found["reasons"]:
+        typer.echo(f"batch {batch_id}: nothing quarantined")
+        return
+    for reason, n in found["reasons"].items():
+        typer.echo(f"{n:>10,}  {reason}")
+    typer.echo("")
+    for row in found["rows"]:
+        typer.echo(f"line {row['line']:>8}  {','.join(row['reasons']):<32} {row['raw'][:80]}")
+
+
 @app.command("settings")
 def show_settings(
     markdown: Annotated[bool, typer.Option(help="Print the README table of settings.")] = False,

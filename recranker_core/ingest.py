@@ -151,16 +151,18 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
                 result.rows_read = _count(conn, names.staging)
                 if result.rows_read == 0:
                     raise DataError(f"{src.path}: the file has a header but no data rows")
-                conn.execute(
-                    classify_sql(
-                        names.ident(names.staging),
-                        names.ident(names.items) if items else None,
-                        names.ident(names.classified),
-                        cols,
-                        settings.ingest,
+                with conn.transaction():
+                    conn.execute(
+                        classify_sql(
+                            names.ident(names.staging),
+                            names.ident(names.items) if items else None,
+                            names.ident(names.classified),
+                            cols,
+                            settings.ingest,
+                        )
                     )
-                )
-                conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.classified)))
+                    _mark_owner(conn, names.classified)
+                    conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.classified)))
                 timer.lap(result, "classify")
             except DataError as exc:
                 _record_rejection(conn, result, started, str(exc), None)
@@ -229,8 +231,8 @@ class _StagingNames:
 def sweep_staging(conn: psycopg.Connection) -> list[str]:
     """Drop staging tables left by ingests whose database session is gone (a killed process).
 
-    Each staging table's comment names the backend pid that created it; a table whose pid no
-    longer has a session cannot be in use.
+    Each staging table's comment names the backend pid that created it (set in the transaction
+    that creates it); a table whose pid no longer has a session cannot be in use.
     """
     rows = conn.execute(
         """SELECT c.relname, obj_description(c.oid, 'pg_class')
@@ -242,7 +244,7 @@ def sweep_staging(conn: psycopg.Connection) -> list[str]:
     dropped = []
     for name, comment in rows:
         pid = int(comment.split("=", 1)[1]) if comment and comment.startswith("pid=") else None
-        if pid is None or pid not in live:
+        if pid is not None and pid not in live:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
             dropped.append(name)
     if dropped:
@@ -251,11 +253,18 @@ def sweep_staging(conn: psycopg.Connection) -> list[str]:
 
 
 def _create_table(conn: psycopg.Connection, name: str, columns: sql.Composable) -> None:
-    ident = _StagingNames.ident(name)
-    conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(ident, columns))
+    """Create a staging table and mark it as this session's (call inside a transaction, so that
+    no committed staging table is ever without its owner)."""
+    conn.execute(
+        sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(_StagingNames.ident(name), columns)
+    )
+    _mark_owner(conn, name)
+
+
+def _mark_owner(conn: psycopg.Connection, name: str) -> None:
     conn.execute(
         sql.SQL("COMMENT ON TABLE {} IS {}").format(
-            ident, sql.Literal(f"pid={conn.info.backend_pid}")
+            _StagingNames.ident(name), sql.Literal(f"pid={conn.info.backend_pid}")
         )
     )
 
@@ -904,3 +913,24 @@ def table_counts(database_url: str) -> dict[str, int]:
         ).fetchone()
     assert row is not None
     return {"interactions": int(row[0]), "users": int(row[1]), "items": int(row[2])}
+
+
+def quarantined(database_url: str, batch_id: int, limit: int = 20) -> dict[str, Any]:
+    """Reason counts and the first quarantined lines of one batch."""
+    with connect(database_url) as conn:
+        reasons = dict(
+            conn.execute(
+                """SELECT r, count(*) FROM recranker.quarantine, unnest(reasons) r
+                   WHERE batch_id = %s GROUP BY r ORDER BY 2 DESC, 1""",
+                (batch_id,),
+            ).fetchall()
+        )
+        rows = [
+            {"line": line, "reasons": rs, "raw": raw}
+            for line, rs, raw in conn.execute(
+                """SELECT line, reasons, raw FROM recranker.quarantine
+                   WHERE batch_id = %s ORDER BY line LIMIT %s""",
+                (batch_id, limit),
+            )
+        ]
+    return {"batch_id": batch_id, "reasons": reasons, "rows": rows}

@@ -135,7 +135,7 @@ def _is_interaction_file(path: Path, fmt: str | None) -> bool:
     if path.stem in ("items", "users") or path.suffix.lower() in (".item", ".user"):
         return False
     guessed = _INTERACTION_SUFFIXES.get(path.suffix.lower())
-    return guessed is not None and (fmt is None or fmt == guessed or fmt == "csv" == guessed)
+    return guessed is not None and (fmt is None or fmt == guessed)
 
 
 def _discover_s3(target: str, fmt: str | None, cache_dir: Path, s3: S3Config) -> list[SourceFile]:

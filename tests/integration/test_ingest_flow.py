@@ -114,5 +114,16 @@ def test_cli_json_and_exit_codes(prefect_api: str, flow_env, tmp_path):
     assert rejected.returncode == 1
     assert json.loads(rejected.stdout.strip().splitlines()[-1])["status"] == "rejected"
 
+    batch = json.loads(rejected.stdout.strip().splitlines()[-1])["batch_id"]
+    shown = _cli(["quarantine", str(batch), "--json"], flow_env, prefect_api)
+    assert json.loads(shown.stdout) == {
+        "batch_id": batch,
+        "reasons": {"rating_out_of_range": 1},
+        "rows": [{"line": 2, "reasons": ["rating_out_of_range"], "raw": "u1,i1,0,1000000000"}],
+    }
+    listed = _cli(["batches", "--json"], flow_env, prefect_api)
+    statuses = [json.loads(line)["status"] for line in listed.stdout.strip().splitlines()]
+    assert statuses == ["rejected", "merged"]
+
     missing = _cli(["ingest", str(tmp_path / "nope.csv")], flow_env, prefect_api)
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
