@@ -19,7 +19,6 @@ install: $(STAMP)
 
 ## demo: the whole pipeline on MovieLens-100K with the embedded local stack
 demo: install
-	$(BIN)/recranker stack up
 	$(BIN)/recranker demo
 
 ## test: unit + integration + e2e against real PostgreSQL, SeaweedFS and Prefect (< 15 min, 2 cores)

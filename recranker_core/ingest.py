@@ -918,7 +918,7 @@ def table_counts(database_url: str) -> dict[str, int]:
 def quarantined(database_url: str, batch_id: int, limit: int = 20) -> dict[str, Any]:
     """Reason counts and the first quarantined lines of one batch."""
     with connect(database_url) as conn:
-        reasons = dict(
+        reasons: dict[str, int] = dict(
             conn.execute(
                 """SELECT r, count(*) FROM recranker.quarantine, unnest(reasons) r
                    WHERE batch_id = %s GROUP BY r ORDER BY 2 DESC, 1""",
