@@ -810,14 +810,23 @@ def _upsert_items(
             (batch_id,),
         ).rowcount
     if auto_create:
-        n += _exec(
-            conn,
-            sql.SQL("""INSERT INTO recranker.items (item_id, first_batch_id)
-                       SELECT DISTINCT item_id, %s::bigint FROM {} WHERE outcome = 'merge'
-                       ON CONFLICT (item_id) DO NOTHING""").format(classified),
-            (batch_id,),
-        ).rowcount
+        n += _insert_new_ids(conn, "items", "item_id", classified, batch_id)
     return n
+
+
+def _insert_new_ids(
+    conn: psycopg.Connection, table: str, column: str, classified: sql.Composable, batch_id: int
+) -> int:
+    """Create the users or items that merged rows name and the table does not have yet."""
+    return _exec(
+        conn,
+        sql.SQL("""INSERT INTO {table} ({col}, first_batch_id)
+                   SELECT DISTINCT {col}, %s::bigint FROM {c} WHERE outcome = 'merge'
+                   ON CONFLICT ({col}) DO NOTHING""").format(
+            table=sql.Identifier("recranker", table), col=sql.Identifier(column), c=classified
+        ),
+        (batch_id,),
+    ).rowcount
 
 
 def _upsert_users(
@@ -840,14 +849,7 @@ def _upsert_users(
             ),
             (batch_id,),
         ).rowcount
-    n += _exec(
-        conn,
-        sql.SQL("""INSERT INTO recranker.users (user_id, first_batch_id)
-                   SELECT DISTINCT user_id, %s::bigint FROM {} WHERE outcome = 'merge'
-                   ON CONFLICT (user_id) DO NOTHING""").format(classified),
-        (batch_id,),
-    ).rowcount
-    return n
+    return n + _insert_new_ids(conn, "users", "user_id", classified, batch_id)
 
 
 def _insert_validation(

@@ -640,22 +640,20 @@ def _pg_start(layout: _PgLayout) -> ServiceStatus:
 
 
 def _pg_stop(layout: _PgLayout) -> ServiceStatus:
-    proc, stale = _pg_find(layout)
-    if proc is None:
-        detail = "not running"
-        if stale:
-            layout.pid_file.unlink(missing_ok=True)
-            detail += f"; stale pid file removed ({stale})"
-        return ServiceStatus("postgres", "stopped", None, "", detail)
-    pid = proc.pid
-    log.info("stopping embedded PostgreSQL (pid %s)", pid)
     # SIGINT is PostgreSQL's "fast" shutdown: open sessions are rolled back and closed. Its
     # SIGTERM ("smart") would wait for every client, forever with a connection pool open.
-    _stop_process(proc, first=signal.SIGINT, what="PostgreSQL")
-    if _live_process(pid, program="postgres", marker=str(layout.data)) is not None:
-        raise StackError(f"PostgreSQL (pid {pid}) is still running; " + _log_tail(layout.log))
-    log.info("embedded PostgreSQL stopped (was pid %s)", pid)
-    return ServiceStatus("postgres", "stopped", None, "", f"stopped (was pid {pid})")
+    # postgres removes its own postmaster.pid when it stops.
+    return _stop_service(
+        "postgres",
+        "embedded PostgreSQL",
+        _pg_find(layout),
+        layout.pid_file,
+        first=signal.SIGINT,
+        program="postgres",
+        marker=str(layout.data),
+        log_path=layout.log,
+        own_pid_file=False,
+    )
 
 
 def _recorded_pg_port(home: Path) -> set[int]:
@@ -969,21 +967,49 @@ def _s3_start(layout: _S3Layout) -> ServiceStatus:
 
 
 def _s3_stop(layout: _S3Layout) -> ServiceStatus:
-    proc, stale = _s3_find(layout)
+    return _stop_service(
+        "s3",
+        "SeaweedFS",
+        _s3_find(layout),
+        layout.pid_file,
+        first=signal.SIGTERM,
+        program="weed",
+        marker=layout.marker,
+        log_path=layout.log,
+        own_pid_file=True,
+    )
+
+
+def _stop_service(
+    service: str,
+    label: str,
+    found: tuple[psutil.Process | None, str | None],
+    pid_file: Path,
+    *,
+    first: signal.Signals,
+    program: str,
+    marker: str,
+    log_path: Path,
+    own_pid_file: bool,
+) -> ServiceStatus:
+    """Stop a service found by its _find function, or report it not running (removing a stale
+    pid file). Only ever signals a process _find proved to be ours."""
+    proc, stale = found
     if proc is None:
         detail = "not running"
         if stale:
-            layout.pid_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
             detail += f"; stale pid file removed ({stale})"
-        return ServiceStatus("s3", "stopped", None, "", detail)
+        return ServiceStatus(service, "stopped", None, "", detail)
     pid = proc.pid
-    log.info("stopping SeaweedFS (pid %s)", pid)
-    _stop_process(proc, first=signal.SIGTERM, what="SeaweedFS")
-    if _live_process(pid, program="weed", marker=layout.marker) is not None:
-        raise StackError(f"SeaweedFS (pid {pid}) is still running; " + _log_tail(layout.log))
-    layout.pid_file.unlink(missing_ok=True)
-    log.info("SeaweedFS stopped (was pid %s)", pid)
-    return ServiceStatus("s3", "stopped", None, "", f"stopped (was pid {pid})")
+    log.info("stopping %s (pid %s)", label, pid)
+    _stop_process(proc, first=first, what=label)
+    if _live_process(pid, program=program, marker=marker) is not None:
+        raise StackError(f"{label} (pid {pid}) is still running; " + _log_tail(log_path))
+    if own_pid_file:
+        pid_file.unlink(missing_ok=True)
+    log.info("%s stopped (was pid %s)", label, pid)
+    return ServiceStatus(service, "stopped", None, "", f"stopped (was pid {pid})")
 
 
 def _local_s3_config(settings: Settings, layout: _S3Layout) -> S3Config:
