@@ -1,0 +1,76 @@
+"""Full-ranking evaluation of a base model on the protocol's split: for each evaluable user,
+score every item, drop the items the protocol excludes, and find the held-out item's rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from recranker_core.base.split import SplitData
+from recranker_core.metrics import DEFAULT_KS, rank_metrics
+
+# Scores of all items for a batch of user indices: shape (len(users), n_items).
+ScoreFn = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.floating]]
+
+
+def target_ranks(
+    score_fn: ScoreFn,
+    data: SplitData,
+    target: str,
+    users: npt.NDArray[np.int64] | None = None,
+    batch_size: int = 1024,
+) -> npt.NDArray[np.int64]:
+    """0-based rank of each user's held-out item among the items not excluded for `target`.
+
+    Ties count against the held-out item (pessimistic): a scorer gets no credit for failing to
+    separate items, and a constant scorer ranks every held-out item last.
+    """
+    if target not in ("valid", "test"):
+        raise ValueError(f"target must be 'valid' or 'test', not {target!r}")
+    held_out = data.valid_item if target == "valid" else data.test_item
+    users = data.evaluable_users() if users is None else users
+    ranks = np.empty(users.size, dtype=np.int64)
+    for start in range(0, users.size, batch_size):
+        batch = users[start : start + batch_size]
+        scores = np.array(score_fn(batch), dtype=np.float64, copy=True)
+        rows, cols = _excluded(data, batch, target)
+        scores[rows, cols] = -np.inf
+        targets = held_out[batch]
+        target_scores = scores[np.arange(batch.size), targets]
+        # The held-out item itself is never excluded, even if an earlier interaction named it.
+        scores[np.arange(batch.size), targets] = target_scores
+        higher = (scores > target_scores[:, None]).sum(axis=1)
+        ties = (scores == target_scores[:, None]).sum(axis=1) - 1  # minus the item itself
+        ranks[start : start + batch.size] = higher + ties
+    return ranks
+
+
+def _excluded(
+    data: SplitData, users: npt.NDArray[np.int64], target: str
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+    if target == "valid":
+        indptr, indices = data.seen_valid_indptr, data.seen_valid_indices
+    else:
+        indptr, indices = data.seen_test_indptr, data.seen_test_indices
+    starts, ends = indptr[users], indptr[users + 1]
+    lengths = ends - starts
+    rows = np.repeat(np.arange(users.size), lengths)
+    cols = (
+        np.concatenate([indices[s:e] for s, e in zip(starts, ends, strict=True)])
+        if users.size
+        else np.empty(0, np.int32)
+    )
+    return rows, cols
+
+
+def evaluate_scores(
+    score_fn: ScoreFn, data: SplitData, ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, dict[str, float]]:
+    """{"valid": {"hr@3": ..}, "test": {...}} over all evaluable users."""
+    ks = tuple(ks)
+    return {
+        target: rank_metrics(target_ranks(score_fn, data, target), ks)
+        for target in ("valid", "test")
+    }

@@ -1,0 +1,219 @@
+"""The evaluation protocol's split (METHOD.md section 1): per user, likes in time order; the last
+like is the test item, the one before it the validation item, everything before that the train
+period. Read from recranker.interactions as of a watermark, so a rerun gives the same split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass
+class SplitData:
+    """Everything the base models and the evaluator need, as compact index arrays.
+
+    Users and items are indexed 0..n-1; `user_ids[u]` / `item_ids[i]` give the external ids.
+    Only train-period data is used for fitting; `valid_item`/`test_item` are the held-out likes.
+    """
+
+    user_ids: list[str]
+    item_ids: list[str]
+    # Train-period likes (rating >= like threshold) as CSR rows: indptr/indices, int32.
+    train_indptr: npt.NDArray[np.int64]
+    train_indices: npt.NDArray[np.int32]
+    # Per user, the train likes' item indices in time order (ties by item id): SASRec's input.
+    train_sequences: list[npt.NDArray[np.int32]]
+    # Every train-period rating (likes, neutral and dislikes): the rating regressor's data.
+    rating_users: npt.NDArray[np.int32]
+    rating_items: npt.NDArray[np.int32]
+    rating_values: npt.NDArray[np.float32]
+    # Held-out likes per user; -1 where the user has fewer than 3 likes (not evaluated).
+    valid_item: npt.NDArray[np.int32]
+    test_item: npt.NDArray[np.int32]
+    # Items to exclude from ranking, as CSR: when scoring the validation item, every item the
+    # user interacted with in the train period; when scoring the test item, additionally the
+    # validation-period ones (the validation like included).
+    seen_valid_indptr: npt.NDArray[np.int64]
+    seen_valid_indices: npt.NDArray[np.int32]
+    seen_test_indptr: npt.NDArray[np.int64]
+    seen_test_indices: npt.NDArray[np.int32]
+    watermark: datetime | None = None
+    like_threshold: float = 4.0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def train_items(self, user: int) -> npt.NDArray[np.int32]:
+        return self.train_indices[self.train_indptr[user] : self.train_indptr[user + 1]]
+
+    def seen(self, user: int, target: str) -> npt.NDArray[np.int32]:
+        """Items excluded when ranking for `target` ('valid' or 'test')."""
+        if target == "valid":
+            return self.seen_valid_indices[
+                self.seen_valid_indptr[user] : self.seen_valid_indptr[user + 1]
+            ]
+        return self.seen_test_indices[self.seen_test_indptr[user] : self.seen_test_indptr[user + 1]]
+
+    def evaluable_users(self) -> npt.NDArray[np.int64]:
+        return np.flatnonzero(self.test_item >= 0)
+
+
+def build_split(
+    user_ids: npt.ArrayLike,
+    item_ids: npt.ArrayLike,
+    ratings: npt.ArrayLike,
+    timestamps: npt.ArrayLike,
+    *,
+    like_threshold: float = 4.0,
+    watermark: datetime | None = None,
+) -> SplitData:
+    """The split from interaction columns (external ids as strings, timestamps as numbers).
+
+    Per user, interactions are ordered by (timestamp, item id). With at least 3 likes, the last
+    like is the test item and the one before it the validation item; the train period is every
+    interaction before the validation like, the validation period runs up to the test like, and
+    anything after the test like is ignored (it lies in the future of the test). Users with fewer
+    than 3 likes are not evaluated; all their interactions are train data.
+    """
+    import pandas as pd
+
+    from recranker_core.errors import DataError
+
+    df = pd.DataFrame(
+        {
+            "user": np.asarray(user_ids).astype(str),
+            "item": np.asarray(item_ids).astype(str),
+            "rating": np.asarray(ratings, dtype=np.float32),
+            "ts": np.asarray(timestamps, dtype=np.float64),
+        }
+    )
+    if df.empty:
+        raise DataError("no interactions to split: ingest data first (`recranker ingest`)")
+    users = np.array(sorted(df["user"].unique()))
+    items = np.array(sorted(df["item"].unique()))
+    if items.size < 2:
+        raise DataError(f"only {items.size} item in the interactions: nothing to rank")
+    df["u"] = np.searchsorted(users, df["user"].to_numpy()).astype(np.int32)
+    df["i"] = np.searchsorted(items, df["item"].to_numpy()).astype(np.int32)
+    # Ties in time are broken by item id, so that the split does not depend on row order.
+    df = df.sort_values(["u", "ts", "i"], kind="stable").reset_index(drop=True)
+    df["pos"] = df.groupby("u").cumcount()
+    df["like"] = df["rating"] >= like_threshold
+
+    likes = df[df["like"]]
+    from_end = likes.groupby("u").cumcount(ascending=False)
+    n_likes = likes.groupby("u")["i"].transform("size")
+    evaluable = n_likes >= 3
+    test_rows = likes[evaluable & (from_end == 0)]
+    valid_rows = likes[evaluable & (from_end == 1)]
+
+    n_users = users.size
+    valid_item = np.full(n_users, -1, dtype=np.int32)
+    test_item = np.full(n_users, -1, dtype=np.int32)
+    valid_item[valid_rows["u"].to_numpy()] = valid_rows["i"].to_numpy()
+    test_item[test_rows["u"].to_numpy()] = test_rows["i"].to_numpy()
+    big = np.iinfo(np.int64).max
+    valid_pos = np.full(n_users, big, dtype=np.int64)
+    test_pos = np.full(n_users, big, dtype=np.int64)
+    valid_pos[valid_rows["u"].to_numpy()] = valid_rows["pos"].to_numpy()
+    test_pos[test_rows["u"].to_numpy()] = test_rows["pos"].to_numpy()
+
+    u = df["u"].to_numpy()
+    pos = df["pos"].to_numpy()
+    train = df[pos < valid_pos[u]]
+    before_test = df[pos < test_pos[u]]
+    train_likes = train[train["like"]]
+
+    def csr(
+        frame: pd.DataFrame, unique: bool
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+        if unique:
+            frame = frame.drop_duplicates(["u", "i"]).sort_values(["u", "i"])
+        counts = np.bincount(frame["u"].to_numpy(), minlength=n_users)
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return indptr, frame["i"].to_numpy().astype(np.int32)
+
+    train_indptr, train_indices = csr(train_likes, unique=True)
+    seq_indptr, seq_items = csr(train_likes, unique=False)  # time order kept
+    sequences = [seq_items[seq_indptr[k] : seq_indptr[k + 1]] for k in range(n_users)]
+    seen_valid_indptr, seen_valid_indices = csr(train, unique=True)
+    seen_test_indptr, seen_test_indices = csr(before_test, unique=True)
+
+    return SplitData(
+        user_ids=users.tolist(),
+        item_ids=items.tolist(),
+        train_indptr=train_indptr,
+        train_indices=train_indices,
+        train_sequences=sequences,
+        rating_users=train["u"].to_numpy().astype(np.int32),
+        rating_items=train["i"].to_numpy().astype(np.int32),
+        rating_values=train["rating"].to_numpy().astype(np.float32),
+        valid_item=valid_item,
+        test_item=test_item,
+        seen_valid_indptr=seen_valid_indptr,
+        seen_valid_indices=seen_valid_indices,
+        seen_test_indptr=seen_test_indptr,
+        seen_test_indices=seen_test_indices,
+        watermark=watermark,
+        like_threshold=like_threshold,
+        stats={
+            "interactions": int(len(df)),
+            "users": int(n_users),
+            "items": int(items.size),
+            "evaluable_users": int((test_item >= 0).sum()),
+            "train_likes": int(len(train_likes)),
+            "train_ratings": int(len(train)),
+        },
+    )
+
+
+def load_split(
+    database_url: str, *, like_threshold: float = 4.0, watermark: datetime | None = None
+) -> SplitData:
+    """The split of recranker.interactions as of `watermark` (default: the latest event), so that
+    a rerun over the same data gives the same split."""
+    import io
+
+    import pandas as pd
+    from psycopg import sql
+
+    from recranker_core.db.connect import connect
+
+    with connect(database_url) as conn:
+        if watermark is None:
+            row = conn.execute("SELECT max(event_ts) FROM recranker.interactions").fetchone()
+            watermark = row[0] if row else None
+        buf = io.BytesIO()
+        query = sql.SQL(
+            "COPY (SELECT user_id, item_id, rating, extract(epoch FROM event_ts) "
+            "FROM recranker.interactions WHERE event_ts <= {}) TO STDOUT (FORMAT csv)"
+        ).format(sql.Literal(watermark))
+        with conn.cursor() as cur, cur.copy(query) as copy:
+            for block in copy:
+                buf.write(block)
+    buf.seek(0)
+    frame = pd.read_csv(
+        buf,
+        header=None,
+        names=["user_id", "item_id", "rating", "ts"],
+        dtype={"user_id": str, "item_id": str, "rating": np.float32, "ts": np.float64},
+        keep_default_na=False,
+    )
+    return build_split(
+        frame["user_id"],
+        frame["item_id"],
+        frame["rating"],
+        frame["ts"],
+        like_threshold=like_threshold,
+        watermark=watermark,
+    )
