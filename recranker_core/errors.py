@@ -24,3 +24,12 @@ class ValidationFailed(RecrankerError):
 
 class ArtifactIntegrityError(RecrankerError):
     """A stored artifact does not match its manifest (checksum, backbone, template)."""
+
+
+class ArtifactExistsError(RecrankerError):
+    """A complete artifact (or another artifact around it) is already stored under a prefix;
+    artifacts are immutable, a new version gets a new prefix."""
+
+
+class ArtifactNotFoundError(RecrankerError):
+    """Nothing at all is stored under a prefix."""

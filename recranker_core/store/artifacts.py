@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from recranker_core.errors import ArtifactIntegrityError, RecrankerError
+from recranker_core.errors import (
+    ArtifactExistsError,
+    ArtifactIntegrityError,
+    ArtifactNotFoundError,
+    RecrankerError,
+)
 from recranker_core.store.manifest import (
     MANIFEST_NAME,
     FileEntry,
@@ -50,14 +55,6 @@ DEFAULT_MULTIPART_THRESHOLD = 512 * 1024 * 1024
 DELETE_BATCH = 1000
 # Where the local store writes an object before renaming it into place; never a valid prefix.
 LOCAL_TMP_DIR = ".recranker-tmp"
-
-
-class ArtifactExistsError(RecrankerError):
-    """A complete artifact (or another artifact around it) is already stored under a prefix."""
-
-
-class ArtifactNotFoundError(RecrankerError):
-    """Nothing at all is stored under a prefix."""
 
 
 @dataclass(frozen=True)
