@@ -26,6 +26,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: MovieLens-100K and 
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(no_args_is_help=True, help="The base-model registry.")
+app.add_typer(models_app, name="models")
 
 
 class Format(StrEnum):
@@ -247,6 +249,72 @@ def quarantine(
         typer.echo(f"line {row['line']:>8}  {','.join(row['reasons']):<32} {row['raw'][:80]}")
 
 
+@app.command("train-base")
+def train_base(
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--kind", help="Model kind to train (repeatable); default RECRANKER_RETRAIN__KINDS."
+        ),
+    ] = None,
+) -> None:
+    """Split, train the base models, store and register them, and promote the best if it passes
+    the gate (the `retrain-base` flow)."""
+    from flows.retrain_base import retrain_base_flow
+
+    summary = retrain_base_flow(kind or None)
+    _echo_json(summary)
+
+
+@models_app.command("list")
+def models_list(
+    limit: Annotated[int, typer.Option(help="How many models to show.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Registered base models, newest first, with their validation and test metrics."""
+    from recranker_core.registry import list_models
+    from recranker_core.stack import database_url
+
+    models = list_models(database_url(_settings()), limit)
+    if as_json:
+        _echo_json([m.as_json() for m in models])
+        return
+    typer.echo(
+        f"{'id':>4} {'kind':<10} {'status':<10} {'valid ndcg@10':>13} {'test ndcg@10':>12} "
+        f"{'test hr@10':>10}  created"
+    )
+    for m in models:
+        valid, test = m.metrics.get("valid", {}), m.metrics.get("test", {})
+        typer.echo(
+            f"{m.model_id:>4} {m.kind:<10} {m.status:<10} "
+            f"{valid.get('ndcg@10', float('nan')):>13.4f} "
+            f"{test.get('ndcg@10', float('nan')):>12.4f} "
+            f"{test.get('hr@10', float('nan')):>10.4f}  {m.created_at:%Y-%m-%d %H:%M}"
+        )
+
+
+@models_app.command("promote")
+def models_promote(
+    model_id: Annotated[int, typer.Argument(help="The model to make the champion.")],
+) -> None:
+    """Make a model the champion by hand (the previous champion is retired)."""
+    from recranker_core.registry import promote
+    from recranker_core.stack import database_url
+
+    record = promote(database_url(_settings()), model_id, "promoted by hand")
+    typer.echo(f"model {record.model_id} ({record.kind}) is the champion")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Bring back the previous champion."""
+    from recranker_core.registry import rollback
+    from recranker_core.stack import database_url
+
+    record = rollback(database_url(_settings()))
+    typer.echo(f"model {record.model_id} ({record.kind}) is the champion again")
+
+
 @app.command("settings")
 def show_settings(
     markdown: Annotated[bool, typer.Option(help="Print the README table of settings.")] = False,
@@ -262,7 +330,8 @@ def show_settings(
 
 @app.command("demo")
 def demo() -> None:
-    """The pipeline on MovieLens-100K with the local stack: today ingest + validate."""
+    """The pipeline on MovieLens-100K with the local stack: ingest + validate, then train,
+    evaluate, store and promote the base models."""
     from recranker_core import stack
     from recranker_core.datasets.movielens import fetch_movielens_100k
     from recranker_core.db.migrate import upgrade
@@ -291,6 +360,13 @@ def demo() -> None:
         f"\nrecranker.interactions: {counts['interactions']:,} rows, "
         f"{counts['users']:,} users, {counts['items']:,} items"
     )
+
+    from flows.retrain_base import retrain_base_flow
+
+    typer.echo("\ntraining the base models (CPU; a few minutes):")
+    summary = retrain_base_flow()
+    typer.echo(f"promoted: {summary['promoted'] or 'nothing (the champion keeps serving)'}")
+    models_list(limit=len(summary["models"]) + 3, as_json=False)
 
 
 def main() -> None:

@@ -50,6 +50,108 @@ class IngestSettings(BaseModel):
         return self
 
 
+class BPRSettings(BaseModel):
+    """MF trained with BPR: one sampled negative per train like per epoch."""
+
+    lr: float = Field(5e-3, gt=0, description="Adam learning rate.")
+    l2: float = Field(
+        1e-2, ge=0, description="L2 penalty on the embeddings of each batch (not weight decay)."
+    )
+    epochs: int = Field(200, ge=1, description="Most epochs to train.")
+    patience: int = Field(
+        10, ge=1, description="Evaluations without a better validation NDCG@10 before stopping."
+    )
+    batch_size: int = Field(2048, ge=1, description="BPR triples per gradient step.")
+
+
+class LightGCNSettings(BPRSettings):
+    """LightGCN: BPR with the same knobs (own defaults) plus the propagation depth. Every
+    gradient step propagates through the whole graph, so larger batches cost less time."""
+
+    lr: float = Field(2e-2, gt=0, description="Adam learning rate.")
+    l2: float = Field(
+        1e-3,
+        ge=0,
+        description="L2 penalty on the batch's layer-0 embeddings (not weight decay).",
+    )
+    epochs: int = Field(300, ge=1, description="Most epochs to train.")
+    batch_size: int = Field(8192, ge=1, description="BPR triples per gradient step.")
+    layers: int = Field(2, ge=1, le=4, description="Propagation layers over the user-item graph.")
+
+
+class SASRecSettings(BaseModel):
+    """SASRec: next-item cross-entropy over all items at every position of the train sequence."""
+
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(200, ge=1, description="Most epochs to train.")
+    patience: int = Field(
+        10, ge=1, description="Evaluations without a better validation NDCG@10 before stopping."
+    )
+    batch_size: int = Field(128, ge=1, description="Sequences per gradient step.")
+    max_len: int = Field(100, ge=2, description="Most recent train likes the model reads.")
+    layers: int = Field(2, ge=1, description="Self-attention blocks.")
+    heads: int = Field(1, ge=1, description="Attention heads (must divide the embedding size).")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings and blocks.")
+
+
+class BiasedMFSettings(BaseModel):
+    """The rating regressor behind the pointwise hint."""
+
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
+    l2: float = Field(0.1, ge=0, description="L2 penalty on the batch's factors and biases.")
+    epochs: int = Field(100, ge=1, description="Most epochs to train.")
+    patience: int = Field(
+        5, ge=1, description="Evaluations without a lower held-out RMSE before stopping."
+    )
+    batch_size: int = Field(1024, ge=1, description="Ratings per gradient step.")
+    holdout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of the train-period ratings held out (at random) for early stopping "
+        "and the reported RMSE; validation and test items are never used.",
+    )
+
+
+class BaseTrainSettings(BaseModel):
+    """Training of the conventional recommenders (METHOD.md section 2). The per-model defaults
+    were chosen on the validation items (and, for BiasedMF, the held-out train ratings) of
+    MovieLens-100K, never on test: `python benchmarks/base_models.py` reproduces them."""
+
+    seed: int = Field(0, description="Seed of torch and numpy for initialisation and sampling.")
+    embedding_dim: int = Field(64, ge=1, description="Size of user and item embeddings.")
+    eval_every: int = Field(
+        1, ge=1, description="Epochs between validation evaluations (early stopping)."
+    )
+    mf: BPRSettings = Field(default_factory=lambda: BPRSettings())
+    lightgcn: LightGCNSettings = Field(default_factory=lambda: LightGCNSettings())
+    sasrec: SASRecSettings = Field(default_factory=lambda: SASRecSettings())
+    biasedmf: BiasedMFSettings = Field(default_factory=lambda: BiasedMFSettings())
+
+
+class RetrainSettings(BaseModel):
+    """Which base models a retrain trains and when a new one replaces the champion."""
+
+    kinds: list[str] = Field(
+        default_factory=lambda: ["mostpop", "mf", "lightgcn", "sasrec"],
+        description="Model kinds trained by `recranker train-base` and the nightly retrain "
+        "(a JSON list in the environment).",
+    )
+    like_threshold: float = Field(
+        4.0, description="A rating at or above this is a like (the split and the models' data)."
+    )
+    candidates: int = Field(
+        10, ge=1, description="Candidates per user kept by the base model (N, the ONNX top-k)."
+    )
+    promotion_tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        description="A candidate becomes champion unless its validation NDCG@10 is below the "
+        "champion's by more than this.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything recranker can be told. Defaults run the embedded local stack."""
 
@@ -78,6 +180,8 @@ class Settings(BaseSettings):
     s3_region: str = Field("us-east-1", description="S3 region name sent with requests.")
     log_level: str = Field("INFO", description="Log level of the recranker loggers.")
     ingest: IngestSettings = Field(default_factory=lambda: IngestSettings())
+    retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
+    base: BaseTrainSettings = Field(default_factory=lambda: BaseTrainSettings())
 
     @field_validator("home")
     @classmethod

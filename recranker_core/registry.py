@@ -80,8 +80,15 @@ def register_model(
                    (kind, status, hyperparameters, metrics, data_watermark, artifact_uri, files,
                     lineage)
                VALUES (%s, 'candidate', %s, %s, %s, %s, %s, %s) RETURNING model_id""",
-            (kind, json.dumps(hyperparameters), json.dumps(metrics), data_watermark,
-             artifact_uri, json.dumps(files), json.dumps(lineage)),
+            (
+                kind,
+                json.dumps(hyperparameters),
+                json.dumps(metrics),
+                data_watermark,
+                artifact_uri,
+                json.dumps(files),
+                json.dumps(lineage),
+            ),
         ).fetchone()
         conn.commit()
     assert row is not None
@@ -203,7 +210,8 @@ def rollback(database_url: str) -> ModelRecord:
 
 
 def _require_exists(conn: psycopg.Connection, model_id: int) -> None:
-    if conn.execute(
-        "SELECT 1 FROM recranker.models WHERE model_id = %s", (model_id,)
-    ).fetchone() is None:
+    if (
+        conn.execute("SELECT 1 FROM recranker.models WHERE model_id = %s", (model_id,)).fetchone()
+        is None
+    ):
         raise ConfigError(f"no model {model_id} in recranker.models (see `recranker models list`)")

@@ -46,7 +46,9 @@ def _topk_module(scoring: torch.nn.Module, n_items: int, k: int, with_sequences:
             extra = torch.zeros_like(scores[:, :1])
             widened = torch.cat([scores, extra], dim=1)
             target = torch.where(exclude < 0, torch.full_like(exclude, n_items), exclude)
-            masked = widened.scatter(1, target, torch.full_like(target, 0, dtype=scores.dtype) - float("inf"))
+            masked = widened.scatter(
+                1, target, torch.full_like(target, 0, dtype=scores.dtype) - float("inf")
+            )
             values, indices = torch.topk(masked[:, :n_items], k, dim=1)
             return values, indices
 
@@ -139,14 +141,24 @@ def export_topk(
 
 
 def providers() -> list[str]:
-    """CUDA when ONNX Runtime has it and a device answers, else CPU."""
+    """CUDA when ONNX Runtime has it and a device answers, else CPU.
+
+    onnxruntime-gpu lists the CUDA provider even on a machine without CUDA libraries, and
+    asking for it there logs errors before falling back; so a device must answer first.
+    """
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    chosen = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        chosen = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return chosen
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_device() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency; serving may drop it one day
+        return False
+    return bool(torch.cuda.is_available())
 
 
 class OnnxScorer:

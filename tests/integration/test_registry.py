@@ -15,8 +15,14 @@ def metrics(ndcg10: float) -> dict[str, dict[str, float]]:
 
 def add(url: str, kind: str, ndcg10: float) -> int:
     return registry.register_model(
-        url, kind=kind, hyperparameters={"dim": 64}, metrics=metrics(ndcg10), data_watermark=None,
-        artifact_uri=f"s3://b/models/{kind}", files={"model.onnx": "00"}, lineage={"split": 1},
+        url,
+        kind=kind,
+        hyperparameters={"dim": 64},
+        metrics=metrics(ndcg10),
+        data_watermark=None,
+        artifact_uri=f"s3://b/models/{kind}",
+        files={"model.onnx": "00"},
+        lineage={"split": 1},
     )
 
 

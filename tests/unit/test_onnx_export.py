@@ -27,8 +27,9 @@ def test_topk_with_exclusions_matches_numpy(tmp_path: Path):
     model = DotScorer(20, 50).eval()
     users = np.arange(20, dtype=np.int64)
     exclude = pad_exclusions([np.arange(u % 5) for u in range(20)])
-    report = export_topk(model, 50, tmp_path / "m.onnx", k=7, parity_users=users,
-                         parity_exclude=exclude)
+    report = export_topk(
+        model, 50, tmp_path / "m.onnx", k=7, parity_users=users, parity_exclude=exclude
+    )
     assert report.parity_max_abs_diff < 1e-4
     scorer = OnnxScorer(tmp_path / "m.onnx")
     assert scorer.provider == "CPUExecutionProvider"
@@ -51,8 +52,16 @@ def test_parity_failure_refuses_export(tmp_path: Path):
         def forward(self, users: torch.Tensor) -> torch.Tensor:
             out = super().forward(users)
             # Behaves differently in eager mode than in the traced graph.
-            return out + (1.0 if not torch.compiler.is_compiling() and not torch.jit.is_tracing() else 0.0)
+            return out + (
+                1.0 if not torch.compiler.is_compiling() and not torch.jit.is_tracing() else 0.0
+            )
 
     with pytest.raises(ArtifactIntegrityError, match="differ from torch"):
-        export_topk(Drifting(5, 10).eval(), 10, tmp_path / "d.onnx", k=3,
-                    parity_users=np.arange(5, dtype=np.int64), tolerance=1e-6)
+        export_topk(
+            Drifting(5, 10).eval(),
+            10,
+            tmp_path / "d.onnx",
+            k=3,
+            parity_users=np.arange(5, dtype=np.int64),
+            tolerance=1e-6,
+        )

@@ -1,0 +1,91 @@
+"""Prefect tasks of the base-model stage: split, train one candidate, promote the best, and the
+artifacts a person reads to see what was trained and what now serves."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from recranker_core.base.retrain import RetrainOutcome, promote_best, train_candidate
+from recranker_core.base.split import SplitData, load_split
+from recranker_core.config import Settings
+from tasks.common import retry_transient
+
+
+@task(
+    name="load-split",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
+)
+def load_split_task(database_url: str, settings: Settings, watermark: datetime | None) -> SplitData:
+    data = load_split(
+        database_url, like_threshold=settings.retrain.like_threshold, watermark=watermark
+    )
+    get_run_logger().info("split as of %s: %s", data.watermark, data.stats)
+    return data
+
+
+@task(name="train-candidate", cache_policy=NO_CACHE, task_run_name="train {kind}")
+def train_candidate_task(
+    kind: str, data: SplitData, settings: Settings, database_url: str
+) -> RetrainOutcome:
+    from recranker_core.stack import s3_config
+    from recranker_core.store import S3ArtifactStore
+
+    store = S3ArtifactStore(s3_config(settings))
+    outcome = train_candidate(
+        kind, data, settings.base, store, database_url, k=settings.retrain.candidates
+    )
+    get_run_logger().info(
+        "%s: model %s, valid ndcg@10 %.4f, test ndcg@10 %.4f, stored at %s",
+        kind,
+        outcome.model_id,
+        outcome.metrics["valid"]["ndcg@10"],
+        outcome.metrics["test"]["ndcg@10"],
+        outcome.artifact_uri,
+    )
+    return outcome
+
+
+@task(name="promote-best", cache_policy=NO_CACHE)
+def promote_best_task(
+    outcomes: list[RetrainOutcome], database_url: str, tolerance: float
+) -> RetrainOutcome | None:
+    return promote_best(outcomes, database_url, tolerance)
+
+
+def publish_retrain_artifacts(
+    outcomes: list[RetrainOutcome], winner: RetrainOutcome | None, failed: list[str]
+) -> None:
+    rows: list[dict[str, Any]] = []
+    for o in outcomes:
+        row: dict[str, Any] = {"model": o.model_id, "kind": o.kind, "promoted": o.promoted}
+        for split in ("valid", "test"):
+            for key, value in o.metrics[split].items():
+                row[f"{split} {key}"] = round(value, 4)
+        row["train s"] = o.seconds.get("train")
+        rows.append(row)
+    create_table_artifact(
+        key="base-model-metrics",
+        table=rows,
+        description="Base models trained in this run (validation decides)",
+    )
+    lines = ["### Base-model retrain", ""]
+    if winner is not None:
+        lines.append(f"**Promoted** model {winner.model_id} ({winner.kind}): {winner.reason}.")
+    else:
+        lines.append("**Nothing promoted**; the champion keeps serving.")
+    lines.append("")
+    lines += [f"- {o.kind} (model {o.model_id}): {o.reason}" for o in outcomes if o is not winner]
+    lines += [f"- {kind}: training failed (see the task run's logs)" for kind in failed]
+    create_markdown_artifact(
+        key="base-model-promotion",
+        markdown="\n".join(lines),
+        description="What was promoted and why",
+    )

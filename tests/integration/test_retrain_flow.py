@@ -1,0 +1,81 @@
+"""The retrain-base flow end to end on a small generated catalogue: real PostgreSQL, SeaweedFS
+and Prefect API; trained models are registered, stored with manifests, exported to ONNX that
+serves candidates, and a corrupted artifact is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recranker_core.config import Settings
+
+
+@pytest.fixture()
+def small_catalogue(tmp_path: Path, settings: Settings, clean_db: str) -> str:
+    from recranker_core.datasets.sources import describe_file
+    from recranker_core.datasets.synthetic import generate
+    from recranker_core.ingest import ingest_file
+
+    files = generate(tmp_path / "synth", users=150, items=120, interactions=6000, seed=3)
+    ingest_file(describe_file(files.interactions, None), settings, clean_db)
+    return clean_db
+
+
+def test_retrain_registers_stores_and_promotes(
+    prefect_api: str, s3_settings: Settings, small_catalogue: str, monkeypatch, tmp_path
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.retrain_base import retrain_base_flow
+    from recranker_core import registry
+    from recranker_core.base.onnx_export import OnnxScorer, pad_exclusions
+    from recranker_core.errors import ArtifactIntegrityError
+    from recranker_core.stack import s3_config
+    from recranker_core.store import S3ArtifactStore, fetch_cached
+
+    monkeypatch.setenv("RECRANKER_DATABASE_URL", small_catalogue)
+    monkeypatch.setenv("RECRANKER_HOME", str(s3_settings.home))
+    monkeypatch.setenv("RECRANKER_BASE__MF__EPOCHS", "3")
+    monkeypatch.setenv("RECRANKER_BASE__MF__PATIENCE", "1")
+
+    summary = retrain_base_flow(["mostpop", "mf"])
+    models = registry.list_models(small_catalogue)
+    assert sorted(m.kind for m in models) == ["mf", "mostpop"]
+    champion = registry.champion(small_catalogue)
+    assert champion is not None and summary["promoted"] == champion.model_id
+    loser = next(m for m in models if m.model_id != champion.model_id)
+    assert loser.status == "rejected" and "not the best of this run" in (loser.note or "")
+    best_valid = max(m.metrics["valid"]["ndcg@10"] for m in models)
+    assert champion.metrics["valid"]["ndcg@10"] == best_valid
+    assert set(champion.metrics["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (3, 5, 10)}
+
+    with get_client(sync_client=True) as client:
+        promotion = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["base-model-promotion"]))
+        )
+    assert promotion and f"model {champion.model_id}" in str(promotion[0].data)
+
+    # The champion's artifact: verified download, ONNX candidates without seen items.
+    cfg = s3_config(s3_settings)
+    store = S3ArtifactStore(cfg)
+    prefix = champion.lineage["prefix"]
+    local = fetch_cached(store, prefix, tmp_path / "cache")
+    item_ids = json.loads((local / "item_ids.json").read_text())
+    scorer = OnnxScorer(local / "model.onnx")
+    seen = [np.array([0, 1, 2]), np.array([], dtype=np.int64)]
+    scores, items = scorer.run(np.array([0, 1], dtype=np.int64), pad_exclusions(seen))
+    assert items.shape == (2, 10) and not {0, 1, 2} & set(items[0].tolist())
+    assert np.all(np.diff(scores, axis=1) <= 0) and items.max() < len(item_ids)
+
+    # Flip one byte of the stored ONNX file: loading refuses it.
+    key = f"{prefix}/model.onnx"
+    client = cfg.client()
+    body = bytearray(client.get_object(Bucket=cfg.bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=cfg.bucket, Key=key, Body=bytes(body))
+    with pytest.raises(ArtifactIntegrityError, match="model.onnx"):
+        store.get_directory(prefix, tmp_path / "fresh")
