@@ -36,6 +36,7 @@ test-all: install
 bench: install
 	$(BIN)/recranker stack up
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/base_models.py
 
 lint: install
 	$(BIN)/ruff check recranker_core tasks flows tests benchmarks

@@ -44,6 +44,18 @@ def movielens_split(home: os.PathLike[str] | str) -> SplitData:
     )
 
 
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def table(results: list[TrainResult]) -> str:
     head = ["model", *(f"valid {m}" for m in METRICS), *(f"test {m}" for m in METRICS)]
     head += ["best epoch", "train s", "valid RMSE"]
@@ -91,7 +103,7 @@ def main() -> None:
     print(
         f"MovieLens-100K ({data.stats['users']} users, {data.stats['items']} items, "
         f"{data.stats['evaluable_users']} evaluable, {data.stats['train_likes']} train likes); "
-        f"{started:%Y-%m-%d %H:%M} UTC; {platform.platform()}, {platform.processor() or '?'}, "
+        f"{started:%Y-%m-%d %H:%M} UTC; {platform.platform()}, {cpu_model()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
     print()
