@@ -381,7 +381,7 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("great_expectations", "botocore", "urllib3", "httpx"):
+    for noisy in ("great_expectations", "botocore", "urllib3", "httpx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

@@ -5,6 +5,9 @@ serves candidates, and a corrupted artifact is refused."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,22 @@ def test_retrain_registers_stores_and_promotes(
     best_valid = max(m.metrics["valid"]["ndcg@10"] for m in models)
     assert champion.metrics["valid"]["ndcg@10"] == best_valid
     assert set(champion.metrics["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (3, 5, 10)}
+
+    # The interface other tools rely on: `recranker models list --json`.
+    listed = subprocess.run(
+        [sys.executable, "-m", "flows", "models", "list", "--json"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = json.loads(listed.stdout)
+    assert {(r["id"], r["kind"], r["status"]) for r in rows} == {
+        (m.model_id, m.kind, m.status) for m in models
+    }
+    keys = {f"{m}@{k}" for m in ("hr", "ndcg") for k in (3, 5, 10)}
+    assert all(set(r["metrics"]["valid"]) == keys == set(r["metrics"]["test"]) for r in rows)
 
     with get_client(sync_client=True) as client:
         promotion = client.read_artifacts(
