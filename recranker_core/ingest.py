@@ -97,19 +97,8 @@ def ingest(
         try:
             results.append(ingest_file(src, settings, database_url))
         except ValidationFailed as exc:
-            results.append(exc.args[1] if len(exc.args) > 1 else _rejected_stub(src, str(exc)))
+            results.append(exc.args[1])  # ingest_file always attaches its result
     return results
-
-
-def _rejected_stub(src: SourceFile, error: str) -> IngestResult:
-    return IngestResult(
-        source=src.source,
-        file_name=src.path.name,
-        content_hash="",
-        format=src.fmt,
-        status="rejected",
-        error=error,
-    )
 
 
 def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> IngestResult:
@@ -165,7 +154,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
                     conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.classified)))
                 timer.lap(result, "classify")
             except DataError as exc:
-                _record_rejection(conn, result, started, str(exc), None)
+                _record_rejection(conn, result, started, str(exc))
             outcomes = validate_staged(
                 database_url, STAGING_SCHEMA, names.classified, settings.ingest
             )
@@ -548,7 +537,6 @@ def _record_rejection(
     result: IngestResult,
     started: datetime,
     error: str,
-    names: _StagingNames | None,
 ) -> NoReturn:
     """A file that cannot be read at all: a rejected ledger row with the reason, then raise."""
     result.status = "rejected"
