@@ -266,6 +266,57 @@ def train_base(
     _echo_json(summary)
 
 
+@app.command("candidates")
+def candidates(
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="Only this user (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Most users to print (0: all).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per user.")] = False,
+) -> None:
+    """Top-N candidates of the active users (RECRANKER_RANK__ACTIVE_WINDOW_DAYS) from the
+    champion base model's ONNX scorer: what the LLM ranker re-orders."""
+    from recranker_core.base.candidates import (
+        CandidateStats,
+        active_users,
+        champion_candidates,
+        data_watermark,
+        load_champion,
+    )
+    from recranker_core.stack import database_url, s3_config
+    from recranker_core.store import S3ArtifactStore
+
+    settings = _settings()
+    url = database_url(settings)
+    champion = load_champion(
+        url, S3ArtifactStore(s3_config(settings)), settings.home / "cache" / "artifacts"
+    )
+    watermark = data_watermark(url)
+    users = list(user) if user else active_users(url, watermark, settings.rank.active_window_days)
+    if limit:
+        users = users[:limit]
+    stats = CandidateStats()
+    for chunk in champion_candidates(
+        url,
+        champion,
+        users,
+        watermark,
+        chunk_size=settings.rank.chunk_size,
+        stats=stats,
+        like_threshold=settings.retrain.like_threshold,
+    ):
+        for c in chunk:
+            if as_json:
+                _echo_json({"user_id": c.user_id, "items": c.items, "scores": c.scores})
+            else:
+                typer.echo(f"{c.user_id}: {', '.join(c.items)}")
+    typer.echo(
+        f"model {champion.model_id} ({champion.kind}), watermark {watermark:%Y-%m-%d %H:%M}: "
+        f"{stats.scored} users scored, {stats.cold} cold (unknown to the model)",
+        err=True,
+    )
+
+
 @models_app.command("list")
 def models_list(
     limit: Annotated[int, typer.Option(help="How many models to show.")] = 50,
@@ -366,7 +417,8 @@ def demo() -> None:
     typer.echo("\ntraining the base models (CPU; a few minutes):")
     summary = retrain_base_flow()
     typer.echo(f"promoted: {summary['promoted'] or 'nothing (the champion keeps serving)'}")
-    models_list(limit=len(summary["models"]) + 3, as_json=False)
+    trained = summary["models"]
+    models_list(limit=len(trained) + 3 if isinstance(trained, dict) else 10, as_json=False)
 
 
 def main() -> None:

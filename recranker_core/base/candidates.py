@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from recranker_core.base.onnx_export import OnnxScorer, pad_exclusions
 from recranker_core.db.connect import connect
+from recranker_core.errors import ArtifactIntegrityError, DataError
+from recranker_core.store import ArtifactStore, fetch_cached
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,16 @@ def active_users(database_url: str, watermark: datetime, window_days: float | No
                 (watermark - timedelta(days=window_days), watermark),
             ).fetchall()
     return sorted(r[0] for r in rows)
+
+
+def data_watermark(database_url: str) -> datetime:
+    """The latest event in the interactions: what "now" means for activity windows."""
+    with connect(database_url) as conn:
+        row = conn.execute("SELECT max(event_ts) FROM recranker.interactions").fetchone()
+    if row is None or row[0] is None:
+        raise DataError("recranker.interactions is empty: ingest data first (`recranker ingest`)")
+    watermark: datetime = row[0]
+    return watermark
 
 
 @dataclass(frozen=True)
@@ -63,3 +76,163 @@ def generate_candidates(
         extra = () if sequences is None else (sequences[start:stop],)
         scores, items = scorer.run(batch, pad_exclusions(exclusions[start:stop]), *extra)
         yield CandidateChunk(batch, items, scores)
+
+
+@dataclass
+class ChampionScorer:
+    """The champion base model's exported scorer with its id maps, fetched and verified."""
+
+    model_id: int
+    kind: str
+    directory: Path
+    scorer: OnnxScorer
+    user_index: dict[str, int]
+    item_ids: list[str]
+    sequence_len: int | None
+
+    @property
+    def k(self) -> int:
+        dim = self.scorer.session.get_outputs()[0].shape[-1]
+        return int(dim) if isinstance(dim, int) else -1
+
+
+def load_champion(database_url: str, store: ArtifactStore, cache_root: Path) -> ChampionScorer:
+    """The champion's ONNX scorer from the store (checksums verified on fetch and on every
+    cached reuse). No champion -> DataError saying how to get one."""
+    import json
+
+    from recranker_core import registry
+
+    record = registry.champion(database_url)
+    if record is None:
+        raise DataError("no champion base model: run `recranker train-base` first")
+    prefix = record.lineage.get("prefix")
+    if not prefix:
+        raise DataError(f"model {record.model_id} has no artifact prefix in its lineage")
+    directory = fetch_cached(store, prefix, cache_root)
+    user_ids = json.loads((directory / "user_ids.json").read_text())
+    item_ids = json.loads((directory / "item_ids.json").read_text())
+    scorer = OnnxScorer(directory / "model.onnx")
+    sequence_len = None
+    if len(scorer.input_names) > 2:
+        width = scorer.session.get_inputs()[2].shape[1]
+        sequence_len = int(width) if isinstance(width, int) else None
+        if sequence_len is None:
+            raise ArtifactIntegrityError(
+                f"{directory}/model.onnx: sequence input has no fixed width"
+            )
+    log.info(
+        "champion model %d (%s): %d users, %d items, scorer on %s",
+        record.model_id,
+        record.kind,
+        len(user_ids),
+        len(item_ids),
+        scorer.provider,
+    )
+    return ChampionScorer(
+        record.model_id,
+        record.kind,
+        directory,
+        scorer,
+        {u: n for n, u in enumerate(user_ids)},
+        item_ids,
+        sequence_len,
+    )
+
+
+@dataclass(frozen=True)
+class UserCandidates:
+    user_id: str
+    items: list[str]  # external item ids, best first
+    scores: list[float]
+
+
+@dataclass
+class CandidateStats:
+    users: int = 0
+    scored: int = 0
+    cold: int = 0  # users the champion has never seen: no embedding, nothing to score
+    chunks: int = 0
+    cold_users: list[str] = field(default_factory=list)
+
+
+def champion_candidates(
+    database_url: str,
+    champion: ChampionScorer,
+    user_ids: list[str],
+    watermark: datetime,
+    *,
+    chunk_size: int = 4096,
+    stats: CandidateStats | None = None,
+    like_threshold: float = 4.0,
+) -> Iterator[list[UserCandidates]]:
+    """Top-N candidates of `user_ids` from the champion, one list per chunk of users.
+
+    Each chunk reads its users' interactions up to the watermark itself (exclusions, and the
+    like sequence for sequence models), so memory is bounded by the chunk. Every item a user
+    interacted with is excluded. Users unknown to the champion are counted as cold and skipped.
+    """
+    stats = stats if stats is not None else CandidateStats()
+    item_index = {item: n for n, item in enumerate(champion.item_ids)}
+    for start in range(0, len(user_ids), chunk_size):
+        chunk = user_ids[start : start + chunk_size]
+        stats.users += len(chunk)
+        known = [u for u in chunk if u in champion.user_index]
+        cold = [u for u in chunk if u not in champion.user_index]
+        stats.cold += len(cold)
+        stats.cold_users.extend(cold[: max(0, 100 - len(stats.cold_users))])
+        if not known:
+            continue
+        seen, likes = _user_items(database_url, known, watermark, item_index, like_threshold)
+        users = np.array([champion.user_index[u] for u in known], dtype=np.int64)
+        extra: tuple[npt.NDArray[np.int64], ...] = ()
+        if champion.sequence_len is not None:
+            from recranker_core.base.models import pad_sequences
+
+            extra = (pad_sequences([likes[u] for u in known], champion.sequence_len),)
+        scores, items = champion.scorer.run(users, pad_exclusions([seen[u] for u in known]), *extra)
+        stats.scored += len(known)
+        stats.chunks += 1
+        yield [
+            UserCandidates(
+                user,
+                [
+                    champion.item_ids[i]
+                    for i, s in zip(items[row], scores[row], strict=True)
+                    if np.isfinite(s)
+                ],
+                [float(s) for s in scores[row] if np.isfinite(s)],
+            )
+            for row, user in enumerate(known)
+        ]
+
+
+def _user_items(
+    database_url: str,
+    users: list[str],
+    watermark: datetime,
+    item_index: dict[str, int],
+    like_threshold: float,
+) -> tuple[dict[str, npt.NDArray[np.int32]], dict[str, npt.NDArray[np.int32]]]:
+    """Per user: every item interacted with up to the watermark (model indices), and the liked
+    ones in time order (ties by item id) for sequence models. Items the model does not know are
+    dropped: it can neither recommend nor read them."""
+    seen: dict[str, list[int]] = {u: [] for u in users}
+    likes: dict[str, list[int]] = {u: [] for u in users}
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT user_id, item_id, rating >= %s FROM recranker.interactions "
+            "WHERE user_id = ANY(%s) AND event_ts <= %s ORDER BY user_id, event_ts, item_id",
+            (like_threshold, users, watermark),
+        )
+        for user, item, liked in rows:
+            index = item_index.get(item)
+            if index is None:
+                continue
+            seen[user].append(index)
+            if liked:
+                likes[user].append(index)
+    return (
+        {u: np.unique(np.array(v, dtype=np.int32)) for u, v in seen.items()},
+        {u: np.array(v, dtype=np.int32) for u, v in likes.items()},
+    )

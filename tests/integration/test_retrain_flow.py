@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 
 from recranker_core.config import Settings
@@ -90,6 +91,46 @@ def test_retrain_registers_stores_and_promotes(
     assert items.shape == (2, 10) and not {0, 1, 2} & set(items[0].tolist())
     assert np.all(np.diff(scores, axis=1) <= 0) and items.max() < len(item_ids)
 
+    # Candidates of every active user from the champion: N items each, none already seen.
+    from recranker_core.base.candidates import (
+        CandidateStats,
+        active_users,
+        champion_candidates,
+        data_watermark,
+        load_champion,
+    )
+
+    loaded = load_champion(small_catalogue, store, tmp_path / "cache")
+    assert loaded.model_id == champion.model_id and loaded.k == 10
+    watermark = data_watermark(small_catalogue)
+    users = active_users(small_catalogue, watermark, None) + ["never-seen-user"]
+    stats = CandidateStats()
+    chunks = list(
+        champion_candidates(small_catalogue, loaded, users, watermark, chunk_size=64, stats=stats)
+    )
+    got = {c.user_id: c for chunk in chunks for c in chunk}
+    assert stats.cold == 1 and stats.cold_users == ["never-seen-user"]
+    assert set(got) == set(users) - {"never-seen-user"} and stats.chunks == 3
+    with psycopg.connect(small_catalogue) as conn:
+        interacted: dict[str, set[str]] = {}
+        for u, i in conn.execute("SELECT user_id, item_id FROM recranker.interactions"):
+            interacted.setdefault(u, set()).add(i)
+    for user_id, c in got.items():
+        assert len(c.items) == 10 and len(set(c.items)) == 10
+        assert not interacted[user_id] & set(c.items), user_id
+        assert c.scores == sorted(c.scores, reverse=True)
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "flows", "candidates", "--json", "--user", users[0]],
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(cli.stdout)["items"] == got[users[0]].items
+    assert "1 users scored, 0 cold" in cli.stderr
+
     # Flip one byte of the stored ONNX file: loading refuses it.
     key = f"{prefix}/model.onnx"
     client = cfg.client()
@@ -98,3 +139,17 @@ def test_retrain_registers_stores_and_promotes(
     client.put_object(Bucket=cfg.bucket, Key=key, Body=bytes(body))
     with pytest.raises(ArtifactIntegrityError, match="model.onnx"):
         store.get_directory(prefix, tmp_path / "fresh")
+
+
+def test_retrain_on_an_empty_table_is_a_clear_error(
+    prefect_api: str, s3_settings: Settings, clean_db: str, monkeypatch
+):
+    from flows.retrain_base import retrain_base_flow
+    from recranker_core import registry
+    from recranker_core.errors import DataError
+
+    monkeypatch.setenv("RECRANKER_DATABASE_URL", clean_db)
+    monkeypatch.setenv("RECRANKER_HOME", str(s3_settings.home))
+    with pytest.raises(DataError, match="no interactions"):
+        retrain_base_flow(["mostpop"])
+    assert registry.list_models(clean_db) == []
