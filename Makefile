@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/recranker stack up
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/base_models.py
+	$(BIN)/python benchmarks/candidates.py
 
 lint: install
 	$(BIN)/ruff check recranker_core tasks flows tests benchmarks
