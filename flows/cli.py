@@ -28,6 +28,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 models_app = typer.Typer(no_args_is_help=True, help="The base-model registry.")
 app.add_typer(models_app, name="models")
+adapters_app = typer.Typer(no_args_is_help=True, help="The ranker-adapter registry.")
+app.add_typer(adapters_app, name="adapters")
 
 
 class Format(StrEnum):
@@ -364,6 +366,80 @@ def models_rollback() -> None:
 
     record = rollback(database_url(_settings()))
     typer.echo(f"model {record.model_id} ({record.kind}) is the champion again")
+
+
+@app.command("tune")
+def tune_ranker(
+    objective: Annotated[
+        str | None, typer.Option(help="Tuning objective (default RECRANKER_TUNE__OBJECTIVE).")
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="`full` or `cpu-demo` (default RECRANKER_TUNE__PROFILE)."),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps.")
+    ] = None,
+) -> None:
+    """Sample users, build the instruction data, tune a LoRA adapter, store, register and gate
+    it (the `tune-ranker` flow)."""
+    from flows.tune_ranker import tune_ranker_flow
+
+    summary = tune_ranker_flow(objective, profile, max_steps)
+    typer.echo(summary["profile"])
+    typer.echo(
+        f"adapter {summary['adapter_id']}: "
+        f"{'promoted' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
+    )
+    _echo_json({k: summary[k] for k in ("adapter_id", "metrics", "steps", "seconds")})
+
+
+@adapters_app.command("list")
+def adapters_list(
+    limit: Annotated[int, typer.Option(help="How many adapters to show.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Registered ranker adapters, newest first."""
+    from recranker_core.registry import list_adapters
+    from recranker_core.stack import database_url
+
+    adapters = list_adapters(database_url(_settings()), limit)
+    if as_json:
+        _echo_json([a.as_json() for a in adapters])
+        return
+    typer.echo(
+        f"{'id':>4} {'objective':<9} {'status':<10} {'valid ndcg@10':>13} {'base':>7} "
+        f"{'backbone':<34} created"
+    )
+    for a in adapters:
+        valid = a.metrics.get("valid", {}).get("ndcg@10", float("nan"))
+        base = a.metrics.get("valid_base", {}).get("ndcg@10", float("nan"))
+        typer.echo(
+            f"{a.adapter_id:>4} {a.objective:<9} {a.status:<10} {valid:>13.4f} {base:>7.4f} "
+            f"{a.backbone_id[:34]:<34} {a.created_at:%Y-%m-%d %H:%M}"
+        )
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    adapter_id: Annotated[int, typer.Argument(help="The adapter to make the champion.")],
+) -> None:
+    """Make an adapter the champion by hand (the previous champion is retired)."""
+    from recranker_core.registry import promote_adapter
+    from recranker_core.stack import database_url
+
+    record = promote_adapter(database_url(_settings()), adapter_id, "promoted by hand")
+    typer.echo(f"{record.label} is the champion")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback() -> None:
+    """Bring back the previous champion adapter."""
+    from recranker_core.registry import rollback_adapter
+    from recranker_core.stack import database_url
+
+    record = rollback_adapter(database_url(_settings()))
+    typer.echo(f"{record.label} is the champion again")
 
 
 @app.command("settings")

@@ -1,6 +1,6 @@
-"""The model registry (recranker.models): register a trained model with its metrics, lineage and
-stored artifact, decide promotion against the champion, promote and roll back. One champion at a
-time; every change is one transaction."""
+"""The registries of trained things: base models (recranker.models) and ranker adapters
+(recranker.adapters). Register with metrics, lineage and stored artifact, decide promotion against
+the champion, promote and roll back. One champion per table; every change is one transaction."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from recranker_core.db.connect import connect
@@ -36,6 +37,10 @@ class ModelRecord:
     note: str | None
     created_at: datetime
     promoted_at: datetime | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_id} ({self.kind})"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -128,9 +133,17 @@ class GateDecision:
     reason: str
 
 
+class _Champion(Protocol):
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]: ...
+
+    @property
+    def label(self) -> str: ...
+
+
 def gate(
     candidate: dict[str, dict[str, float]],
-    current: ModelRecord | None,
+    current: _Champion | None,
     tolerance: float,
 ) -> GateDecision:
     """Promote when there is no champion, or when the candidate's validation NDCG@10 is not
@@ -144,74 +157,252 @@ def gate(
     if new >= old - tolerance:
         return GateDecision(
             True,
-            f"validation {GATE_METRIC} {new:.4f} vs champion {current.model_id} ({current.kind}) "
+            f"validation {GATE_METRIC} {new:.4f} vs champion {current.label} "
             f"{old:.4f}, within tolerance {tolerance}",
         )
     return GateDecision(
         False,
-        f"validation {GATE_METRIC} {new:.4f} is below champion {current.model_id} "
-        f"({current.kind}) {old:.4f} by more than {tolerance}",
+        f"validation {GATE_METRIC} {new:.4f} is below champion {current.label} "
+        f"{old:.4f} by more than {tolerance}",
     )
+
+
+@dataclass(frozen=True)
+class _Table:
+    name: str
+    key: str
+    noun: str
+    listing: str
+
+    def sql(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(
+            table=sql.Identifier("recranker", self.name), key=sql.Identifier(self.key)
+        )
+
+
+MODELS = _Table("models", "model_id", "model", "recranker models list")
+ADAPTERS = _Table("adapters", "adapter_id", "adapter", "recranker adapters list")
 
 
 def promote(database_url: str, model_id: int, note: str) -> ModelRecord:
     """Make `model_id` the champion and retire the previous one, in one transaction."""
-    with connect(database_url) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_REGISTRY_LOCK,))
-        _require_exists(conn, model_id)
-        conn.execute(
-            "UPDATE recranker.models SET status = 'retired', retired_at = now() "
-            "WHERE status = 'champion' AND model_id <> %s",
-            (model_id,),
-        )
-        conn.execute(
-            "UPDATE recranker.models SET status = 'champion', promoted_at = now(), note = %s "
-            "WHERE model_id = %s",
-            (note, model_id),
-        )
-        conn.commit()
-    log.info("model %s is the champion: %s", model_id, note)
+    _promote(database_url, MODELS, model_id, note)
     return get_model(database_url, model_id)
 
 
 def reject(database_url: str, model_id: int, note: str) -> None:
     """Mark a candidate that lost the gate, with the reason."""
-    with connect(database_url) as conn:
-        conn.execute(
-            "UPDATE recranker.models SET status = 'rejected', note = %s "
-            "WHERE model_id = %s AND status = 'candidate'",
-            (note, model_id),
-        )
-        conn.commit()
+    _reject(database_url, MODELS, model_id, note)
 
 
 def rollback(database_url: str) -> ModelRecord:
     """Bring back the most recently retired champion; the current one is retired."""
+    return get_model(database_url, _rollback(database_url, MODELS))
+
+
+def _promote(database_url: str, table: _Table, key: int, note: str) -> None:
+    with connect(database_url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_REGISTRY_LOCK,))
+        _require_exists(conn, table, key)
+        conn.execute(
+            table.sql(
+                "UPDATE {table} SET status = 'retired', retired_at = now() "
+                "WHERE status = 'champion' AND {key} <> %s"
+            ),
+            (key,),
+        )
+        conn.execute(
+            table.sql(
+                "UPDATE {table} SET status = 'champion', promoted_at = now(), note = %s "
+                "WHERE {key} = %s"
+            ),
+            (note, key),
+        )
+        conn.commit()
+    log.info("%s %s is the champion: %s", table.noun, key, note)
+
+
+def _reject(database_url: str, table: _Table, key: int, note: str) -> None:
+    with connect(database_url) as conn:
+        conn.execute(
+            table.sql(
+                "UPDATE {table} SET status = 'rejected', note = %s "
+                "WHERE {key} = %s AND status = 'candidate'"
+            ),
+            (note, key),
+        )
+        conn.commit()
+
+
+def _rollback(database_url: str, table: _Table) -> int:
     with connect(database_url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_REGISTRY_LOCK,))
         row = conn.execute(
-            "SELECT model_id FROM recranker.models WHERE status = 'retired' "
-            "AND promoted_at IS NOT NULL ORDER BY retired_at DESC, model_id DESC LIMIT 1"
+            table.sql(
+                "SELECT {key} FROM {table} WHERE status = 'retired' "
+                "AND promoted_at IS NOT NULL ORDER BY retired_at DESC, {key} DESC LIMIT 1"
+            )
         ).fetchone()
         if row is None:
-            raise ConfigError("no earlier champion to roll back to")
+            raise ConfigError(f"no earlier champion {table.noun} to roll back to")
         conn.execute(
-            "UPDATE recranker.models SET status = 'retired', retired_at = now() "
-            "WHERE status = 'champion'"
+            table.sql(
+                "UPDATE {table} SET status = 'retired', retired_at = now() "
+                "WHERE status = 'champion'"
+            )
         )
         conn.execute(
-            "UPDATE recranker.models SET status = 'champion', promoted_at = now(), "
-            "note = 'restored by rollback' WHERE model_id = %s",
+            table.sql(
+                "UPDATE {table} SET status = 'champion', promoted_at = now(), "
+                "note = 'restored by rollback' WHERE {key} = %s"
+            ),
             (row[0],),
         )
         conn.commit()
-    log.info("rolled back: model %s is the champion again", row[0])
-    return get_model(database_url, int(row[0]))
+    log.info("rolled back: %s %s is the champion again", table.noun, row[0])
+    return int(row[0])
 
 
-def _require_exists(conn: psycopg.Connection, model_id: int) -> None:
-    if (
-        conn.execute("SELECT 1 FROM recranker.models WHERE model_id = %s", (model_id,)).fetchone()
-        is None
-    ):
-        raise ConfigError(f"no model {model_id} in recranker.models (see `recranker models list`)")
+def _require_exists(conn: psycopg.Connection, table: _Table, key: int) -> None:
+    if conn.execute(table.sql("SELECT 1 FROM {table} WHERE {key} = %s"), (key,)).fetchone() is None:
+        raise ConfigError(
+            f"no {table.noun} {key} in recranker.{table.name} (see `{table.listing}`)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# ranker adapters
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    adapter_id: int
+    objective: str
+    status: str
+    backbone_id: str
+    backbone_hash: str
+    template_version: str
+    base_model_id: int | None
+    metrics: dict[str, dict[str, float]]
+    hyperparameters: dict[str, Any]
+    data_watermark: datetime | None
+    artifact_uri: str
+    files: dict[str, str]
+    lineage: dict[str, Any]
+    note: str | None
+    created_at: datetime
+    promoted_at: datetime | None
+
+    @property
+    def label(self) -> str:
+        return f"adapter {self.adapter_id} ({self.objective})"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.adapter_id,
+            "objective": self.objective,
+            "status": self.status,
+            "backbone_id": self.backbone_id,
+            "backbone_hash": self.backbone_hash,
+            "template_version": self.template_version,
+            "base_model_id": self.base_model_id,
+            "metrics": self.metrics,
+            "hyperparameters": self.hyperparameters,
+            "data_watermark": self.data_watermark.isoformat() if self.data_watermark else None,
+            "artifact_uri": self.artifact_uri,
+            "note": self.note,
+            "created_at": self.created_at.isoformat(),
+            "promoted_at": self.promoted_at.isoformat() if self.promoted_at else None,
+        }
+
+
+_ADAPTER_COLUMNS = (
+    "adapter_id, objective, status, backbone_id, backbone_hash, template_version, base_model_id, "
+    "metrics, hyperparameters, data_watermark, artifact_uri, files, lineage, note, created_at, "
+    "promoted_at"
+)
+
+
+def register_adapter(
+    database_url: str,
+    *,
+    objective: str,
+    backbone_id: str,
+    backbone_hash: str,
+    template_version: str,
+    base_model_id: int | None,
+    hyperparameters: dict[str, Any],
+    metrics: dict[str, dict[str, float]],
+    data_watermark: datetime | None,
+    artifact_uri: str,
+    files: dict[str, str],
+    lineage: dict[str, Any],
+) -> int:
+    """Record a tuned adapter as a candidate; returns its id."""
+    with connect(database_url) as conn:
+        row = conn.execute(
+            """INSERT INTO recranker.adapters
+                   (objective, status, backbone_id, backbone_hash, template_version,
+                    base_model_id, hyperparameters, metrics, data_watermark, artifact_uri, files,
+                    lineage)
+               VALUES (%s, 'candidate', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               RETURNING adapter_id""",
+            (
+                objective,
+                backbone_id,
+                backbone_hash,
+                template_version,
+                base_model_id,
+                json.dumps(hyperparameters),
+                json.dumps(metrics),
+                data_watermark,
+                artifact_uri,
+                json.dumps(files),
+                json.dumps(lineage),
+            ),
+        ).fetchone()
+        conn.commit()
+    assert row is not None
+    log.info("registered %s adapter %s at %s", objective, row[0], artifact_uri)
+    return int(row[0])
+
+
+def get_adapter(database_url: str, adapter_id: int) -> AdapterRecord:
+    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT {_ADAPTER_COLUMNS} FROM recranker.adapters WHERE adapter_id = %s",
+            (adapter_id,),
+        ).fetchone()
+    if row is None:
+        raise ConfigError(f"no adapter {adapter_id} in recranker.adapters ({ADAPTERS.listing})")
+    return AdapterRecord(**row)
+
+
+def champion_adapter(database_url: str) -> AdapterRecord | None:
+    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT {_ADAPTER_COLUMNS} FROM recranker.adapters WHERE status = 'champion'"
+        ).fetchone()
+    return AdapterRecord(**row) if row else None
+
+
+def list_adapters(database_url: str, limit: int = 50) -> list[AdapterRecord]:
+    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT {_ADAPTER_COLUMNS} FROM recranker.adapters ORDER BY adapter_id DESC LIMIT %s",
+            (limit,),
+        ).fetchall()
+    return [AdapterRecord(**r) for r in rows]
+
+
+def promote_adapter(database_url: str, adapter_id: int, note: str) -> AdapterRecord:
+    _promote(database_url, ADAPTERS, adapter_id, note)
+    return get_adapter(database_url, adapter_id)
+
+
+def reject_adapter(database_url: str, adapter_id: int, note: str) -> None:
+    _reject(database_url, ADAPTERS, adapter_id, note)
+
+
+def rollback_adapter(database_url: str) -> AdapterRecord:
+    return get_adapter(database_url, _rollback(database_url, ADAPTERS))

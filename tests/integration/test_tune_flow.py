@@ -1,0 +1,112 @@
+"""The tune-ranker flow end to end with a tiny random Llama: real PostgreSQL, SeaweedFS and
+Prefect API. The champion base model feeds sampling and hints; the dataset and the adapter land
+in S3 with manifests; the adapter is registered and gated; a corrupted adapter file and an adapter
+for another backbone are refused; a rerun resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recranker_core.config import Settings
+
+
+@pytest.fixture()
+def tuned_setup(
+    tmp_path: Path, settings: Settings, s3_settings: Settings, clean_db: str, monkeypatch
+) -> dict[str, object]:
+    from flows.retrain_base import retrain_base_flow
+    from recranker_core.datasets.sources import describe_file
+    from recranker_core.datasets.synthetic import generate
+    from recranker_core.ingest import ingest_file
+    from recranker_core.ranker.tiny import build_tiny_model
+
+    files = generate(tmp_path / "synth", users=120, items=100, interactions=5000, seed=5)
+    ingest_file(describe_file(files.interactions, None), settings, clean_db)
+    tiny = build_tiny_model(tmp_path / "tiny")
+    for key, value in {
+        "RECRANKER_DATABASE_URL": clean_db,
+        "RECRANKER_HOME": str(s3_settings.home),
+        "RECRANKER_BASE__MF__EPOCHS": "3",
+        "RECRANKER_BASE__MF__PATIENCE": "1",
+        "RECRANKER_BASE__BIASEDMF__EPOCHS": "3",
+        "RECRANKER_BACKBONE__PATH": str(tiny),
+        "RECRANKER_SAMPLING__USERS": "24",
+        "RECRANKER_PROMPTS__HISTORY_MAX": "6",
+        "RECRANKER_TUNE__EPOCHS": "2",
+        "RECRANKER_TUNE__BATCH_SIZE": "4",
+        "RECRANKER_TUNE__GRAD_ACCUMULATION": "2",
+        "RECRANKER_TUNE__EVAL_EVERY": "4",
+        "RECRANKER_TUNE__PATIENCE": "10",
+        "RECRANKER_TUNE__VALID_USERS": "8",
+        "RECRANKER_TUNE__LR": "5e-3",
+    }.items():
+        monkeypatch.setenv(key, value)
+    retrain_base_flow(["mf"])
+    return {"tiny": tiny, "database_url": clean_db}
+
+
+def test_tune_flow_stores_registers_and_refuses_bad_adapters(
+    prefect_api: str, s3_settings: Settings, tuned_setup: dict[str, object], tmp_path: Path
+):
+    from flows.tune_ranker import tune_ranker_flow
+    from recranker_core import registry
+    from recranker_core.errors import ArtifactIntegrityError
+    from recranker_core.ranker.backbone import model_dir_hash
+    from recranker_core.ranker.prompts import TEMPLATE_VERSION
+    from recranker_core.ranker.tuning import fetch_adapter
+    from recranker_core.stack import s3_config
+    from recranker_core.store import S3ArtifactStore
+
+    url = str(tuned_setup["database_url"])
+    summary = tune_ranker_flow()
+    adapters = registry.list_adapters(url)
+    assert [a.adapter_id for a in adapters] == [summary["adapter_id"]]
+    adapter = adapters[0]
+    # The first adapter has no champion to beat.
+    assert adapter.status == "champion" and summary["promoted"]
+    assert adapter.template_version == TEMPLATE_VERSION and adapter.objective == "sft"
+    assert adapter.base_model_id == registry.champion(url).model_id  # type: ignore[union-attr]
+    assert adapter.backbone_hash == model_dir_hash(Path(str(tuned_setup["tiny"])))
+    assert set(adapter.metrics["valid"]) >= {"ndcg@10", "hr@3"}
+    assert summary["steps"] > 0 and len(summary["history"]) >= 2
+
+    cfg = s3_config(s3_settings)
+    store = S3ArtifactStore(cfg)
+    manifest = store.read_manifest(adapter.lineage["prefix"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "hint_regressor.pt"} <= set(
+        manifest.files
+    )
+    assert manifest.meta["backbone_hash"] == adapter.backbone_hash
+    assert manifest.meta["sampled_users"] == 24
+    dataset_prefix = summary["dataset"].split(f"{cfg.bucket}/", 1)[1]
+    lines = (
+        cfg.client()
+        .get_object(Bucket=cfg.bucket, Key=f"{dataset_prefix}/prompts.jsonl")["Body"]
+        .read()
+        .decode()
+        .splitlines()
+    )
+    tasks = {json.loads(line)["task"] for line in lines}
+    assert tasks == {"pointwise", "pairwise", "listwise"}
+
+    local = fetch_adapter(adapter, store, tmp_path / "cache", adapter.backbone_hash)
+    assert (local / "adapter_model.safetensors").exists()
+    with pytest.raises(ArtifactIntegrityError, match="backbone"):
+        fetch_adapter(adapter, store, tmp_path / "cache2", "0" * 64)
+    key = f"{adapter.lineage['prefix']}/adapter_model.safetensors"
+    client = cfg.client()
+    body = bytearray(client.get_object(Bucket=cfg.bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=cfg.bucket, Key=key, Body=bytes(body))
+    with pytest.raises(ArtifactIntegrityError, match="adapter_model"):
+        fetch_adapter(adapter, store, tmp_path / "cache3", adapter.backbone_hash)
+
+    # A second run over the same data and settings resumes from the finished checkpoint: no
+    # new optimizer steps, and its adapter competes with the champion through the gate.
+    again = tune_ranker_flow()
+    assert again["resumed_from"] == summary["steps"] and again["steps"] == summary["steps"]
+    second = registry.get_adapter(url, again["adapter_id"])
+    assert second.status in ("champion", "rejected") and second.note
