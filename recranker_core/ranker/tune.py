@@ -252,7 +252,7 @@ def tune(
         batch = collate([examples[r] for r in batch_rows], pad_id, device)
         loss = loss_fn(peft_model, batch) / settings.grad_accumulation
         loss.backward()
-        losses.append(float(loss) * settings.grad_accumulation)
+        losses.append(float(loss.detach()) * settings.grad_accumulation)
         state["tokens"] += int(batch.attention_mask.sum())
         state["micro"] += 1
         state["pending"] += 1
