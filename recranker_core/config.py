@@ -236,9 +236,7 @@ class TuneSettings(BaseModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Modules wrapped by LoRA (a JSON list in the environment).",
     )
-    eval_every: int = Field(
-        50, ge=1, description="Optimizer steps between validation evaluations."
-    )
+    eval_every: int = Field(50, ge=1, description="Optimizer steps between validation evaluations.")
     patience: int = Field(
         3, ge=1, description="Evaluations without a better validation NDCG@10 before stopping."
     )
