@@ -442,6 +442,97 @@ def adapters_rollback() -> None:
     typer.echo(f"{record.label} is the champion again")
 
 
+@app.command("rank")
+def rank(
+    run_id: Annotated[
+        str | None, typer.Option(help="Resume this unfinished run from its finished shards.")
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="hybrid | pointwise | pairwise | listwise | base (RECRANKER_RANK__MODE)."
+        ),
+    ] = None,
+    no_publish: Annotated[
+        bool, typer.Option("--no-publish", help="Write the run but leave the current one.")
+    ] = False,
+) -> None:
+    """Rank every active user and publish the run (the `batch-rank` flow)."""
+    from flows.batch_rank import batch_rank_flow
+
+    summary = batch_rank_flow(run_id, mode, not no_publish)
+    typer.echo(
+        f"run {summary['run_id']} {summary['status']}: {summary['users']:,} users, "
+        f"{summary['rows']:,} rows ({summary['llm_users']:,} re-ranked by the LLM, "
+        f"{summary['base_users']:,} base, {summary['cold_users']:,} cold) in {summary['seconds']} s"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    max_users: Annotated[
+        int | None, typer.Option(help="Evaluate a seeded random subset of this many users.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+) -> None:
+    """HR/NDCG@3/5/10 of the base model, each task and the hybrid on validation and test,
+    stored in the database and written as an HTML report (the `evaluate-ranker` flow)."""
+    from flows.evaluate_ranker import evaluate_ranker_flow
+
+    result = evaluate_ranker_flow(None, max_users)
+    if as_json:
+        _echo_json(result["table"])
+        return
+    metrics = ("hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10")
+    typer.echo(f"{'method':<13} {'split':<6} " + " ".join(f"{m:>8}" for m in metrics))
+    for mode, targets in result["table"].items():
+        for target, values in targets.items():
+            typer.echo(f"{mode:<13} {target:<6} " + " ".join(f"{values[m]:>8.4f}" for m in metrics))
+    typer.echo(f"weights: {json.dumps(result['weights'])}")
+    typer.echo(f"report: {result['report']}")
+
+
+@app.command("tune-weights")
+def tune_weights(
+    max_users: Annotated[
+        int | None, typer.Option(help="Use a seeded random subset of this many users.")
+    ] = None,
+    step: Annotated[float, typer.Option(help="Grid step on the weight simplex.")] = 0.1,
+) -> None:
+    """Choose the hybrid weights on VALIDATION users only (test is never read) and print the
+    setting to use."""
+    from flows.evaluate_ranker import evaluate_ranker_flow
+
+    result = evaluate_ranker_flow(["valid"], max_users)
+    tuned = result["weights"]["tuned_on_valid"]
+    best = result["table"]["hybrid_tuned"]["valid"]["ndcg@10"]
+    typer.echo(
+        f"validation ndcg@10 {best:.4f} with weights {tuned} (configured: "
+        f"{result['table']['hybrid']['valid']['ndcg@10']:.4f})"
+    )
+    values = [round(tuned[t], 4) for t in ("pointwise", "pairwise", "listwise")]
+    typer.echo(f"export RECRANKER_RANK__WEIGHTS='{json.dumps(values)}'")
+
+
+@app.command("runs")
+def runs_list(
+    limit: Annotated[int, typer.Option(help="How many runs to show.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Ranking runs, newest first, with their status and counts; `*` marks the published one."""
+    from recranker_core.ranker.publish import list_runs
+    from recranker_core.stack import database_url
+
+    url = database_url(_settings())
+    runs = list_runs(url, limit)
+    if as_json:
+        _echo_json(runs)
+        return
+    for r in runs:
+        mark = "*" if r["current"] else " "
+        typer.echo(f"{mark} {r['run_id']:<28} {r['status']:<10} {r.get('counts') or {}}")
+
+
 @app.command("settings")
 def show_settings(
     markdown: Annotated[bool, typer.Option(help="Print the README table of settings.")] = False,
@@ -455,12 +546,21 @@ def show_settings(
         _echo_json(_settings().secret_free_dict())
 
 
+DEMO_RANK_DEFAULTS = {
+    "RECRANKER_RANK__LLM_MAX_USERS": "60",
+    "RECRANKER_RANK__EVAL_MAX_USERS": "300",
+    "RECRANKER_PROMPTS__HISTORY_MAX": "8",
+}
+
+
 @app.command("demo")
 def demo() -> None:
-    """The pipeline on MovieLens-100K with the local stack: ingest + validate, then train,
-    evaluate, store and promote the base models."""
+    """The pipeline on MovieLens-100K with the local stack: ingest + validate, train, evaluate,
+    store and promote the base models, tune the LLM ranker with the CPU demo profile, rank every
+    user, publish, and write the evaluation report."""
     from recranker_core import stack
     from recranker_core.datasets.movielens import fetch_movielens_100k
+    from recranker_core.db.connect import redact_url
     from recranker_core.db.migrate import upgrade
     from recranker_core.ingest import ledger
 
@@ -495,6 +595,52 @@ def demo() -> None:
     typer.echo(f"promoted: {summary['promoted'] or 'nothing (the champion keeps serving)'}")
     trained = summary["models"]
     models_list(limit=len(trained) + 3 if isinstance(trained, dict) else 10, as_json=False)
+
+    from flows.tune_ranker import tune_ranker_flow
+
+    typer.echo("\ntuning the LLM ranker (LoRA) with the CPU demo profile:")
+    tuned = tune_ranker_flow(profile="cpu-demo")
+    typer.echo(f"used the {tuned['profile']}")
+    typer.echo(
+        f"adapter {tuned['adapter_id']}: {'promoted' if tuned['promoted'] else 'not promoted'} "
+        f"({tuned['reason']}); {tuned['steps']} steps in {tuned['seconds']} s"
+    )
+    adapters_list(limit=3, as_json=False)
+
+    # The demo's ranking budget on CPU: the LLM re-ranks the most active users, the others get
+    # the base ranking (source 'base'); the evaluation reads a random subset of users. An
+    # operator's own settings win over these.
+    for key, value in DEMO_RANK_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    typer.echo(
+        "\nranking every user (demo budget: "
+        + ", ".join(f"{k}={os.environ[k]}" for k in DEMO_RANK_DEFAULTS)
+        + "):"
+    )
+    from flows.batch_rank import batch_rank_flow
+
+    run = batch_rank_flow()
+    typer.echo(
+        f"run {run['run_id']} published: {run['rows']:,} rows for {run['users']:,} users "
+        f"({run['llm_users']:,} re-ranked by the LLM) in {run['seconds']} s"
+    )
+    from flows.evaluate_ranker import evaluate_ranker_flow
+
+    typer.echo("\nevaluating (METHOD.md table):")
+    result = evaluate_ranker_flow()
+    for mode, targets in result["table"].items():
+        test = targets.get("test", {})
+        typer.echo(
+            f"  {mode:<13} test ndcg@3 {test.get('ndcg@3', float('nan')):.4f}  "
+            f"ndcg@10 {test.get('ndcg@10', float('nan')):.4f}  hr@10 {test.get('hr@10', 0):.4f}"
+        )
+    typer.echo(f"\nreport: {result['report']}")
+    typer.echo(
+        "sample query (as any role in recranker_reader):\n"
+        f"  psql '{redact_url(url)}' -v user_id=1 -f sql/examples/top_k_for_user.sql\n"
+        "  SELECT user_id, rank, item_id, source FROM recranker.recommendations_current "
+        "WHERE user_id = '1' ORDER BY rank;"
+    )
 
 
 def main() -> None:

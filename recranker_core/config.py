@@ -265,6 +265,50 @@ class RankSettings(BaseModel):
     chunk_size: int = Field(
         4096, ge=1, description="Users scored per ONNX Runtime call in candidate generation."
     )
+    k: int = Field(10, ge=1, description="Recommendations kept per user in the published run.")
+    mode: str = Field(
+        "hybrid",
+        description="How candidates are re-ranked: `hybrid`, `pointwise`, `pairwise`, "
+        "`listwise` (single-task ablations) or `base` (no LLM).",
+    )
+    weights: list[float] = Field(
+        default_factory=lambda: [1 / 3, 1 / 3, 1 / 3],
+        description="Hybrid weights of the pointwise, pairwise and listwise utilities (a JSON "
+        "list); `recranker tune-weights` chooses them on validation users.",
+    )
+    shard_size: int = Field(
+        256, ge=1, description="Users per shard of a batch-ranking run (one task, one COPY)."
+    )
+    users_per_batch: int = Field(
+        8, ge=1, description="Users whose prompts are scored together by the LLM."
+    )
+    score_batch_size: int = Field(
+        32, ge=1, description="Prompts (suffixes) per forward pass of the LLM."
+    )
+    llm_max_users: int | None = Field(
+        None,
+        ge=0,
+        description="Most users re-ranked by the LLM in one run (the most active first); the "
+        "others get the base ranking with source 'base'. Unset: every active user.",
+    )
+    eval_max_users: int | None = Field(
+        None,
+        ge=1,
+        description="`recranker eval` on a seeded random subset of this many evaluable users. "
+        "Unset: all of them.",
+    )
+    retention_days: float = Field(
+        7.0,
+        gt=0,
+        description="Days a ranking run is kept before it is dropped (never the published one).",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _three_weights(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or min(v) < 0 or sum(v) <= 0:
+            raise ValueError("three non-negative weights (pointwise, pairwise, listwise) needed")
+        return v
 
 
 class Settings(BaseSettings):

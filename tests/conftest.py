@@ -122,3 +122,41 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture()
+def tiny_pipeline(
+    tmp_path: Path, settings, s3_settings, clean_db: str, prefect_api: str, monkeypatch
+) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """A generated catalogue ingested, an MF champion trained by the retrain-base flow, a tiny
+    random Llama as the backbone, and settings small enough for a tuning run in seconds (set in
+    the environment, as an operator would)."""
+    from flows.retrain_base import retrain_base_flow
+    from recranker_core.datasets.sources import describe_file
+    from recranker_core.datasets.synthetic import generate
+    from recranker_core.ingest import ingest_file
+    from recranker_core.ranker.tiny import build_tiny_model
+
+    files = generate(tmp_path / "synth", users=120, items=100, interactions=5000, seed=5)
+    ingest_file(describe_file(files.interactions, None), settings, clean_db)
+    tiny = build_tiny_model(tmp_path / "tiny")
+    for key, value in {
+        "RECRANKER_DATABASE_URL": clean_db,
+        "RECRANKER_HOME": str(s3_settings.home),
+        "RECRANKER_BASE__MF__EPOCHS": "3",
+        "RECRANKER_BASE__MF__PATIENCE": "1",
+        "RECRANKER_BASE__BIASEDMF__EPOCHS": "3",
+        "RECRANKER_BACKBONE__PATH": str(tiny),
+        "RECRANKER_SAMPLING__USERS": "24",
+        "RECRANKER_PROMPTS__HISTORY_MAX": "6",
+        "RECRANKER_TUNE__EPOCHS": "2",
+        "RECRANKER_TUNE__BATCH_SIZE": "4",
+        "RECRANKER_TUNE__GRAD_ACCUMULATION": "2",
+        "RECRANKER_TUNE__EVAL_EVERY": "4",
+        "RECRANKER_TUNE__PATIENCE": "10",
+        "RECRANKER_TUNE__VALID_USERS": "8",
+        "RECRANKER_TUNE__LR": "5e-3",
+    }.items():
+        monkeypatch.setenv(key, value)
+    retrain_base_flow(["mf"])
+    return {"tiny": tiny, "database_url": clean_db, "files": files}

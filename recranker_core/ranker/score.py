@@ -1,16 +1,106 @@
 """Scoring without generation (METHOD.md section 6): read each answer as the next-token
-log-probabilities at the answer position, one forward pass per prompt, batched with left padding
-and position ids that ignore the padding."""
+log-probabilities at the answer position, one forward pass per prompt, with the history prefix
+that a user's prompts share computed once and its key/value cache reused for every question."""
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from recranker_core.ranker.prompts import Prompt, render, verbalizer_ids
+from recranker_core.errors import ConfigError, DataError
+from recranker_core.ranker.prompts import (
+    RATING_MAX,
+    RATING_MIN,
+    TASKS,
+    Prompt,
+    render,
+    verbalizer_ids,
+)
+
+_RATINGS = np.arange(RATING_MIN, RATING_MAX + 1, dtype=np.float64)
+# The fixed cost of one forward pass (launches, Python, the cache copy's set-up) in padded tokens:
+# what splitting a batch by suffix length must save to be worth it.
+_PASS_COST_TOKENS = 64
+
+
+@dataclass
+class UserScores:
+    """One user's verbalizer scores, one entry per candidate in the order given."""
+
+    user: int
+    candidates: list[int]  # item indices, in base-rank order (as given)
+    # Expected rating sum_r r * p(r), p renormalised over "1".."5"; nan without a prompt.
+    pointwise: npt.NDArray[np.float64]
+    # Mean over the candidate's pairs of pref(c over o), where a pair asked in both orders gives
+    # pref(x over y) = ((lpYes - lpNo)[x first] - (lpYes - lpNo)[y first]) / 2; 0 without a pair.
+    pairwise: npt.NDArray[np.float64]
+    # log p(identifier of c) at the first answer slot, renormalised over the candidates' ids;
+    # nan without a listwise prompt.
+    listwise: npt.NDArray[np.float64]
+    prompts: int  # prompts read for this user
+    prompt_tokens: int  # tokens run through the model for this user (a shared prefix once)
+
+
+def score_users(
+    model: Any,
+    tokenizer: Any,
+    user_prompts: Sequence[tuple[int, list[int], list[Prompt]]],
+    *,
+    tasks: Sequence[str] = TASKS,
+    batch_size: int = 32,
+    prefix_cache: bool = True,
+) -> list[UserScores]:
+    """Scores of every (user, candidates, prompts) entry, in order; only prompts whose task is in
+    `tasks` are read (the single-task ablations).
+
+    With `prefix_cache` each distinct prefix (one per user from `build_inference_prompts`) is run
+    once and its key/value cache serves all of its suffixes, `batch_size` rows per forward pass
+    (several users' prefixes share a pass when their questions fit in one batch). Without it every
+    full prompt is run on its own row through `answer_logprobs`: the reference the cached path
+    must equal.
+    """
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ConfigError(f"tasks must be a non-empty subset of {list(TASKS)}, not {list(tasks)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+    plans = [_plan(user, cands, prompts, set(tasks)) for user, cands, prompts in user_prompts]
+    width = max(
+        (len(p.items) for plan in plans for p in plan.prompts if p.task == "listwise"), default=0
+    )
+    ids = verbalizer_ids(tokenizer, width)
+    columns = _Columns(len(ids["rating"]), len(ids["pairwise"]))
+    wanted = [*ids["rating"], *ids["pairwise"], *ids["identifiers"]]
+
+    units = _units(plans, tokenizer)
+    if prefix_cache:
+        logps = _cached_logprobs(model, tokenizer, units, wanted, batch_size)
+        for unit in units:
+            plans[unit.plan].tokens += len(unit.prefix) + sum(len(s) for s in unit.suffixes)
+    else:
+        texts = [unit.prefix_text + suffix for unit in units for suffix in unit.suffix_texts]
+        flat = answer_logprobs(model, tokenizer, texts, wanted, batch_size=batch_size).astype(
+            np.float64
+        )
+        logps = []
+        start = 0
+        for unit in units:
+            logps.append(flat[start : start + len(unit.rows)])
+            start += len(unit.rows)
+            plans[unit.plan].tokens += sum(len(unit.prefix) + len(s) for s in unit.suffixes)
+
+    per_prompt: list[npt.NDArray[np.float64]] = [
+        np.empty((len(plan.prompts), len(wanted))) for plan in plans
+    ]
+    for unit, logp in zip(units, logps, strict=True):
+        per_prompt[unit.plan][unit.rows] = logp
+    return [_collect(plan, rows, columns) for plan, rows in zip(plans, per_prompt, strict=True)]
 
 
 def answer_logprobs(
@@ -34,22 +124,17 @@ def answer_logprobs(
     out = np.empty((len(texts), len(token_ids)), dtype=np.float32)
     # Longest first: batches of similar lengths waste less on padding.
     order = sorted(range(len(texts)), key=lambda n: -len(texts[n]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(tokenizer)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            encoded = [tokenizer(texts[n], add_special_tokens=False)["input_ids"] for n in rows]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, ids in enumerate(encoded):
-                input_ids[r, width - len(ids) :] = torch.tensor(ids)
-                mask[r, width - len(ids) :] = 1
+            encoded = _encode(tokenizer, [texts[n] for n in rows])
+            input_ids, mask = _left_pad(encoded, pad_id, device)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
                 logits_to_keep=1,
             ).logits[:, -1, :]
             logp = torch.log_softmax(logits.float(), dim=-1)[:, wanted]
@@ -69,3 +154,294 @@ def listwise_scores(
     texts = ["".join(render(p, tokenizer)[:2]) for p in prompts]
     logp = answer_logprobs(model, tokenizer, texts, ids, batch_size=batch_size)
     return [logp[n, : len(p.items)] for n, p in enumerate(prompts)]
+
+
+# --- planning: which prompts, which shared prefixes -------------------------------------------
+
+
+@dataclass
+class _Plan:
+    user: int
+    candidates: list[int]
+    prompts: list[Prompt]
+    tokens: int = 0
+
+
+@dataclass
+class _Unit:
+    """The prompts of one plan that share one prefix text: the prefix is run once for all."""
+
+    plan: int
+    prefix_text: str
+    prefix: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # prompt positions within the plan
+    suffix_texts: list[str] = field(default_factory=list)
+    suffixes: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where each task's token ids sit among the columns read at the answer position."""
+
+    ratings: int
+    pairwise: int
+
+    @property
+    def yes(self) -> int:
+        return self.ratings
+
+    @property
+    def no(self) -> int:
+        return self.ratings + 1
+
+    @property
+    def identifiers(self) -> int:
+        return self.ratings + self.pairwise
+
+
+def _plan(user: int, candidates: list[int], prompts: list[Prompt], tasks: set[str]) -> _Plan:
+    cands = [int(c) for c in candidates]
+    if len(set(cands)) != len(cands):
+        raise DataError(f"user {user}: candidates hold duplicates {cands}; pass each item once")
+    known = set(cands)
+    chosen: list[Prompt] = []
+    for prompt in prompts:
+        if prompt.user != user:
+            raise DataError(
+                f"a prompt of user {prompt.user} was passed with user {user}'s candidates; "
+                "pass each user's own build_inference_prompts output"
+            )
+        if prompt.task not in TASKS:
+            raise DataError(f"user {user}: a prompt has the unknown task {prompt.task!r}")
+        stray = [i for i in prompt.items if i not in known]
+        if stray:
+            raise DataError(
+                f"user {user}: a {prompt.task} prompt shows items {stray} that are not among the "
+                f"candidates {cands}; build the prompts from the same candidate list"
+            )
+        if prompt.task in tasks:
+            chosen.append(prompt)
+    return _Plan(user=int(user), candidates=cands, prompts=chosen)
+
+
+def _units(plans: list[_Plan], tokenizer: Any) -> list[_Unit]:
+    """Each plan's prompts grouped by rendered prefix (one group for build_inference_prompts),
+    prefix and suffixes tokenized apart: render cuts the text at a token boundary."""
+    units: list[_Unit] = []
+    for index, plan in enumerate(plans):
+        by_prefix: dict[str, _Unit] = {}
+        for row, prompt in enumerate(plan.prompts):
+            prefix_text, suffix_text, _ = render(prompt, tokenizer)
+            unit = by_prefix.get(prefix_text)
+            if unit is None:
+                unit = by_prefix[prefix_text] = _Unit(plan=index, prefix_text=prefix_text)
+                units.append(unit)
+            unit.rows.append(row)
+            unit.suffix_texts.append(suffix_text)
+    for unit in units:
+        unit.prefix = _encode(tokenizer, [unit.prefix_text])[0]
+        unit.suffixes = _encode(tokenizer, unit.suffix_texts)
+    return units
+
+
+# --- the forward passes -----------------------------------------------------------------------
+
+
+def _cached_logprobs(
+    model: Any, tokenizer: Any, units: list[_Unit], wanted: list[int], batch_size: int
+) -> list[npt.NDArray[np.float64]]:
+    """Per unit, log p(wanted | prefix + suffix) for each suffix: [len(suffixes), len(wanted)].
+
+    Units are taken in groups whose suffixes fit one batch (or one unit at a time): the group's
+    prefixes run left-padded in one pass, then each batch of suffixes runs against the rows of
+    that cache it needs. A suffix row's attention mask is [its prefix's mask][pad zeros][suffix
+    ones] and its positions continue from its prefix's real length, so neither kind of padding
+    changes a score.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    columns = torch.tensor(wanted, device=device)
+    pad_id = _pad_id(tokenizer)
+    out = [np.empty((len(u.suffixes), len(wanted))) for u in units]
+    # Longest prefixes together: a group's prefix padding stays small.
+    order = sorted(range(len(units)), key=lambda n: -len(units[n].prefix))
+    with torch.inference_mode():
+        for group in _groups(order, units, batch_size):
+            prefix_ids, prefix_mask = _left_pad([units[n].prefix for n in group], pad_id, device)
+            prefix_len = prefix_mask.sum(dim=1)
+            cache = DynamicCache(config=model.config)
+            model(
+                input_ids=prefix_ids,
+                attention_mask=prefix_mask,
+                position_ids=(prefix_mask.cumsum(dim=1) - 1).clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            layers = _prefix_states(cache)
+            rows = [(g, s) for g, n in enumerate(group) for s in range(len(units[n].suffixes))]
+            rows.sort(key=lambda r: -len(units[group[r[0]]].suffixes[r[1]]))
+            lengths = [len(units[group[g]].suffixes[s]) for g, s in rows]
+            for start, stop in _batches(lengths, batch_size):
+                batch = rows[start:stop]
+                owner = torch.tensor([g for g, _ in batch], device=device)
+                suffix_ids, suffix_mask = _left_pad(
+                    [units[group[g]].suffixes[s] for g, s in batch], pad_id, device
+                )
+                # A forward pass appends to the cache it is given: each batch gets its own,
+                # built from the prefix rows it needs.
+                batch_cache = DynamicCache(
+                    ddp_cache_data=[(k[owner], v[owner]) for k, v in layers],
+                    config=model.config,
+                )
+                positions = prefix_len[owner, None] + suffix_mask.cumsum(dim=1) - 1
+                logits = model(
+                    input_ids=suffix_ids,
+                    attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1),
+                    position_ids=positions.clamp(min=0),
+                    past_key_values=batch_cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1, :]
+                logp = torch.log_softmax(logits.float(), dim=-1)[:, columns]
+                for (g, s), values in zip(batch, logp.double().cpu().numpy(), strict=True):
+                    out[group[g]][s] = values
+    return out
+
+
+def _prefix_states(cache: Any) -> list[tuple[Any, Any]]:
+    """(keys, values) of every layer of a cache filled by a prefix pass."""
+    from transformers.cache_utils import DynamicLayer
+
+    states = []
+    for layer in cache.layers:
+        # A sliding window keeps only the last tokens, a linear-attention layer a state: neither
+        # can be copied row by row next to a padding mask of the whole prefix.
+        if not isinstance(layer, DynamicLayer) or layer.is_sliding or layer.keys is None:
+            raise ConfigError(
+                f"the backbone's cache layer {type(layer).__name__} is not a full-attention "
+                "key/value cache, so the shared prefix cannot be reused; score with "
+                "prefix_cache=False"
+            )
+        states.append((layer.keys, layer.values))
+    return states
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of `lengths` (sorted longest first) of at most `batch_size` rows that
+    cost the fewest padded tokens plus _PASS_COST_TOKENS per pass: a listwise question is several
+    times as long as a pointwise one, and padding every row to it costs more than a pass."""
+    best = [0.0] + [math.inf] * len(lengths)  # best[i]: cost of the first i rows
+    cut = [0] * (len(lengths) + 1)
+    for stop in range(1, len(lengths) + 1):
+        for start in range(max(0, stop - batch_size), stop):
+            cost = best[start] + (stop - start) * lengths[start] + _PASS_COST_TOKENS
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    runs: list[tuple[int, int]] = []
+    stop = len(lengths)
+    while stop:
+        runs.append((cut[stop], stop))
+        stop = cut[stop]
+    return runs[::-1]
+
+
+def _groups(order: list[int], units: list[_Unit], batch_size: int) -> list[list[int]]:
+    """Consecutive units of `order` whose suffixes fit in one batch; a unit with more suffixes
+    than a batch is a group of its own."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for n in order:
+        size = len(units[n].suffixes)
+        if current and rows + size > batch_size:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(n)
+        rows += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def _left_pad(encoded: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) on `device`, every sequence ending in the last column."""
+    import torch
+
+    width = max(len(ids) for ids in encoded)
+    flat = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=np.int64)
+    for r, ids in enumerate(encoded):
+        if ids:
+            flat[r, width - len(ids) :] = ids
+            mask[r, width - len(ids) :] = 1
+    return torch.from_numpy(flat).to(device), torch.from_numpy(mask).to(device)
+
+
+# --- from token log-probabilities to per-candidate scores ------------------------------------
+
+
+def _collect(plan: _Plan, logp: npt.NDArray[np.float64], columns: _Columns) -> UserScores:
+    position = {item: j for j, item in enumerate(plan.candidates)}
+    n = len(plan.candidates)
+    point_sum = np.zeros(n)
+    point_count = np.zeros(n)
+    list_sum = np.zeros(n)
+    list_count = np.zeros(n)
+    # Margins of each unordered pair, signed towards its lower-indexed candidate.
+    pair_margins: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for prompt, row in zip(plan.prompts, logp, strict=True):
+        if prompt.task == "pointwise":
+            rating = row[: columns.ratings]
+            p = np.exp(rating - np.logaddexp.reduce(rating))
+            j = position[prompt.items[0]]
+            point_sum[j] += float(p @ _RATINGS[: columns.ratings])
+            point_count[j] += 1
+        elif prompt.task == "pairwise":
+            x, y = (position[i] for i in prompt.items)
+            margin = float(row[columns.yes] - row[columns.no])
+            if x < y:
+                pair_margins[(x, y)].append(margin)
+            else:
+                pair_margins[(y, x)].append(-margin)
+        else:
+            shown = row[columns.identifiers : columns.identifiers + len(prompt.items)]
+            normalised = shown - np.logaddexp.reduce(shown)
+            for item, value in zip(prompt.items, normalised, strict=True):
+                list_sum[position[item]] += value
+                list_count[position[item]] += 1
+
+    pair_sum = np.zeros(n)
+    pair_count = np.zeros(n)
+    for (x, y), margins in pair_margins.items():
+        # Averaging both orders cancels the model's bias towards the first-shown item.
+        pref = float(np.mean(margins))
+        pair_sum[x] += pref
+        pair_sum[y] -= pref
+        pair_count[x] += 1
+        pair_count[y] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pointwise = np.where(point_count > 0, point_sum / point_count, np.nan)
+        listwise = np.where(list_count > 0, list_sum / list_count, np.nan)
+    pairwise = np.where(pair_count > 0, pair_sum / np.maximum(pair_count, 1), 0.0)
+    return UserScores(
+        user=plan.user,
+        candidates=list(plan.candidates),
+        pointwise=pointwise,
+        pairwise=pairwise,
+        listwise=listwise,
+        prompts=len(plan.prompts),
+        prompt_tokens=plan.tokens,
+    )

@@ -292,6 +292,10 @@ def publish_adapter(
         local = Path(tmp) / "adapter"
         shutil.copytree(adapter_dir, local)
         torch.save(ctx.regressor.state(), local / "hint_regressor.pt")
+        # The regressor's own index of users and items (the split it was trained on), so that
+        # serving maps ids correctly whatever base model is champion by then.
+        (local / "user_ids.json").write_text(json.dumps(ctx.data.user_ids))
+        (local / "item_ids.json").write_text(json.dumps(ctx.data.item_ids))
         (local / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         stamp = ctx.data.watermark.strftime("%Y%m%dT%H%M%S") if ctx.data.watermark else "all"
         prefix = f"adapters/{manifest_meta['objective']}/{stamp}-{uuid.uuid4().hex[:8]}"

@@ -13,43 +13,8 @@ import pytest
 from recranker_core.config import Settings
 
 
-@pytest.fixture()
-def tuned_setup(
-    tmp_path: Path, settings: Settings, s3_settings: Settings, clean_db: str, monkeypatch
-) -> dict[str, object]:
-    from flows.retrain_base import retrain_base_flow
-    from recranker_core.datasets.sources import describe_file
-    from recranker_core.datasets.synthetic import generate
-    from recranker_core.ingest import ingest_file
-    from recranker_core.ranker.tiny import build_tiny_model
-
-    files = generate(tmp_path / "synth", users=120, items=100, interactions=5000, seed=5)
-    ingest_file(describe_file(files.interactions, None), settings, clean_db)
-    tiny = build_tiny_model(tmp_path / "tiny")
-    for key, value in {
-        "RECRANKER_DATABASE_URL": clean_db,
-        "RECRANKER_HOME": str(s3_settings.home),
-        "RECRANKER_BASE__MF__EPOCHS": "3",
-        "RECRANKER_BASE__MF__PATIENCE": "1",
-        "RECRANKER_BASE__BIASEDMF__EPOCHS": "3",
-        "RECRANKER_BACKBONE__PATH": str(tiny),
-        "RECRANKER_SAMPLING__USERS": "24",
-        "RECRANKER_PROMPTS__HISTORY_MAX": "6",
-        "RECRANKER_TUNE__EPOCHS": "2",
-        "RECRANKER_TUNE__BATCH_SIZE": "4",
-        "RECRANKER_TUNE__GRAD_ACCUMULATION": "2",
-        "RECRANKER_TUNE__EVAL_EVERY": "4",
-        "RECRANKER_TUNE__PATIENCE": "10",
-        "RECRANKER_TUNE__VALID_USERS": "8",
-        "RECRANKER_TUNE__LR": "5e-3",
-    }.items():
-        monkeypatch.setenv(key, value)
-    retrain_base_flow(["mf"])
-    return {"tiny": tiny, "database_url": clean_db}
-
-
 def test_tune_flow_stores_registers_and_refuses_bad_adapters(
-    prefect_api: str, s3_settings: Settings, tuned_setup: dict[str, object], tmp_path: Path
+    s3_settings: Settings, tiny_pipeline: dict[str, object], tmp_path: Path
 ):
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
@@ -60,7 +25,7 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     from recranker_core.stack import s3_config
     from recranker_core.store import S3ArtifactStore
 
-    url = str(tuned_setup["database_url"])
+    url = str(tiny_pipeline["database_url"])
     summary = tune_ranker_flow()
     adapters = registry.list_adapters(url)
     assert [a.adapter_id for a in adapters] == [summary["adapter_id"]]
@@ -69,7 +34,7 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     assert adapter.status == "champion" and summary["promoted"]
     assert adapter.template_version == TEMPLATE_VERSION and adapter.objective == "sft"
     assert adapter.base_model_id == registry.champion(url).model_id  # type: ignore[union-attr]
-    assert adapter.backbone_hash == model_dir_hash(Path(str(tuned_setup["tiny"])))
+    assert adapter.backbone_hash == model_dir_hash(Path(str(tiny_pipeline["tiny"])))
     assert set(adapter.metrics["valid"]) >= {"ndcg@10", "hr@3"}
     assert summary["steps"] > 0 and len(summary["history"]) >= 2
 

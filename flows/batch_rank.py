@@ -1,0 +1,132 @@
+"""Flow `batch-rank`: every active user's candidates from the champion base model, re-ranked by
+the LLM with the champion adapter, written shard by shard under a new run id, then published by
+moving one pointer, so consumers of `recommendations_current` switch runs atomically."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from recranker_core.config import load_settings
+from tasks.common import resolve_database
+from tasks.ranking import (
+    load_champion_task,
+    load_ranker_task,
+    publish_rank_artifacts,
+    rank_shard_task,
+)
+
+
+@flow(name="batch-rank")
+def batch_rank_flow(
+    run_id: str | None = None, mode: str | None = None, publish: bool = True
+) -> dict[str, Any]:
+    """Rank all active users; `run_id` of an unfinished run resumes it from its done shards."""
+    from recranker_core.base.candidates import active_users, data_watermark
+    from recranker_core.ranker import publish as runs
+    from recranker_core.ranker.batch import most_active_users, shards_of
+    from recranker_core.ranker.prompts import Catalog
+
+    started = time.perf_counter()
+    settings = load_settings()
+    if mode:
+        settings = settings.model_copy(
+            update={"rank": settings.rank.model_copy(update={"mode": mode})}
+        )
+    logger = get_run_logger()
+    database_url = resolve_database(settings)
+    with runs.batch_rank_lock(database_url):
+        champion = load_champion_task(database_url, settings)
+        watermark = data_watermark(database_url)
+        users = active_users(database_url, watermark, settings.rank.active_window_days)
+        llm_users = None
+        if settings.rank.llm_max_users is not None:
+            llm_users = most_active_users(
+                database_url, users, watermark, settings.rank.llm_max_users
+            )
+        ranker = load_ranker_task(database_url, settings) if settings.rank.mode != "base" else None
+        state = runs.start_run(
+            database_url,
+            run_id=run_id,
+            model_id=champion.model_id,
+            adapter_id=ranker.adapter.adapter_id if ranker else None,
+            data_watermark=watermark,
+            params={
+                "mode": settings.rank.mode,
+                "weights": settings.rank.weights,
+                "k": settings.rank.k,
+                "active_window_days": settings.rank.active_window_days,
+                "llm_max_users": settings.rank.llm_max_users,
+                "prompts": settings.prompts.model_dump(mode="json"),
+            },
+            shards=shards_of(users, settings.rank.shard_size),
+        )
+        logger.info(
+            "run %s: %d users in %d shards (%d done already), watermark %s",
+            state.run_id,
+            len(users),
+            len(state.shards),
+            len(state.done_shards),
+            watermark,
+        )
+        catalog = Catalog.from_database(database_url, champion.item_ids) if ranker else None
+        results: list[dict[str, Any]] = []
+        try:
+            for shard, shard_users in enumerate(state.shards):
+                if shard in state.done_shards:
+                    continue
+                results.append(
+                    rank_shard_task(
+                        database_url,
+                        state.run_id,
+                        shard,
+                        shard_users,
+                        champion,
+                        ranker,
+                        catalog,
+                        watermark,
+                        settings,
+                        llm_users,
+                    )
+                )
+                logger.info("shard %d/%d done: %s", shard + 1, len(state.shards), results[-1])
+            totals = {
+                key: sum(r[key] for r in results)
+                for key in (
+                    "users",
+                    "rows",
+                    "llm_users",
+                    "base_users",
+                    "cold_users",
+                    "llm_failures",
+                    "prompt_tokens",
+                )
+            }
+            runs.finish_run(
+                database_url,
+                state.run_id,
+                counts=totals,
+                timings={"seconds": round(time.perf_counter() - started, 1)},
+            )
+            previous = runs.publish_run(database_url, state.run_id) if publish else None
+            dropped = runs.drop_old_runs(database_url, settings.rank.retention_days)
+        except BaseException as exc:
+            runs.fail_run(database_url, state.run_id, f"{type(exc).__name__}: {exc}")
+            raise
+    summary = {
+        "run_id": state.run_id,
+        "status": "published" if publish else "complete",
+        "previous": previous,
+        "users": len(users),
+        **{k: v for k, v in totals.items() if k != "users"},
+        "model_id": champion.model_id,
+        "adapter_id": ranker.adapter.adapter_id if ranker else None,
+        "mode": settings.rank.mode,
+        "resumed_shards": len(state.done_shards),
+        "dropped": dropped,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    publish_rank_artifacts(summary, results)
+    return summary

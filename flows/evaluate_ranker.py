@@ -1,0 +1,76 @@
+"""Flow `evaluate-ranker`: the METHOD.md table (base, pointwise, pairwise, listwise, hybrid; on
+validation and test) for the champion base model and adapter, stored in the database, shown as
+a Prefect artifact and written as an HTML report with plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from recranker_core.config import load_settings
+from tasks.common import resolve_database
+from tasks.ranking import load_ranker_task, publish_eval_artifacts
+from tasks.tuning import load_base_task
+
+
+@flow(name="evaluate-ranker")
+def evaluate_ranker_flow(
+    targets: list[str] | None = None, max_users: int | None = None
+) -> dict[str, Any]:
+    """Evaluate on `targets` (default validation and test); `max_users` caps the evaluable
+    users (a seeded random subset; default RECRANKER_RANK__EVAL_MAX_USERS)."""
+    from recranker_core.errors import ConfigError
+    from recranker_core.ranker.evaluate import TARGETS, build_report, score_target
+    from recranker_core.ranker.hybrid import Weights
+    from recranker_core.ranker.prompts import Catalog
+    from recranker_core.ranker.report import save_evaluation, table_rows, write_html
+    from recranker_core.ranker.tuning import BaseHints
+
+    settings = load_settings()
+    logger = get_run_logger()
+    targets = list(targets or TARGETS)
+    if not set(targets) <= set(TARGETS):
+        raise ConfigError(f"targets must be among {TARGETS}, not {targets}")
+    database_url = resolve_database(settings)
+    ctx = load_base_task(database_url, settings)
+    ranker = load_ranker_task(database_url, settings)
+    if ranker is None:
+        raise ConfigError("no champion adapter to evaluate: run `recranker tune` first")
+    catalog = Catalog.from_database(database_url, ctx.data.item_ids)
+    hints = BaseHints(ctx)
+    limit = max_users or settings.rank.eval_max_users
+    scored = [
+        score_target(
+            ctx, catalog, hints, ranker.model, ranker.tokenizer, settings, t, max_users=limit
+        )
+        for t in targets
+    ]
+    report = build_report(scored, Weights(*settings.rank.weights), settings.retrain.candidates)
+    context = {
+        "base model": f"{ctx.model_id} ({ctx.kind})",
+        "adapter": ranker.adapter.label,
+        "backbone": ranker.backbone_id,
+        "users": limit or "all evaluable",
+        "seconds": report.seconds,
+    }
+    path = write_html(
+        report, settings.home / "reports", title="recranker: ranker evaluation", context=context
+    )
+    evaluation_id = save_evaluation(
+        database_url,
+        report,
+        model_id=ctx.model_id,
+        adapter_id=ranker.adapter.adapter_id,
+        params={"targets": targets, "max_users": limit, "weights": settings.rank.weights},
+        report_path=path,
+    )
+    publish_eval_artifacts(table_rows(report), str(path), report.weights)
+    logger.info("evaluation %d written to %s", evaluation_id, path)
+    return {
+        "table": report.as_json(),
+        "weights": report.weights,
+        "counts": report.counts,
+        "report": str(path),
+        "evaluation_id": evaluation_id,
+    }

@@ -1,0 +1,339 @@
+"""Batch ranking of active users (METHOD.md section 6, issue 5): per shard of users, candidates
+from the champion's ONNX scorer, prompts from each user's ratings up to the watermark, LLM
+scores with the champion adapter, hybrid re-ranking, and the rows to publish. A user the LLM
+cannot score keeps the base ranking (source 'base')."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recranker_core import registry
+from recranker_core.base.candidates import ChampionScorer, champion_candidates
+from recranker_core.base.split import SplitData
+from recranker_core.db.connect import connect
+from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, order_for_mode, utilities
+from recranker_core.ranker.prompts import Catalog, build_inference_prompts
+from recranker_core.ranker.publish import RecommendationRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ranker:
+    """The LLM with the champion adapter applied, and the adapter's hint regressor."""
+
+    model: Any
+    tokenizer: Any
+    adapter: registry.AdapterRecord
+    regressor: Any
+    regressor_users: dict[str, int]
+    regressor_items: dict[str, int]
+    backbone_id: str
+    device: str
+
+
+def load_ranker(database_url: str, store: Any, settings: Any) -> Ranker | None:
+    """The champion adapter on the configured backbone (checksums, backbone and template
+    verified); None when no adapter has been tuned yet (the run is then base-only)."""
+    import torch
+    from peft import PeftModel
+
+    from recranker_core.base.models import model_from_state
+    from recranker_core.ranker.backbone import load_backbone
+    from recranker_core.ranker.tuning import fetch_adapter
+
+    record = registry.champion_adapter(database_url)
+    if record is None:
+        log.warning("no champion adapter: every user gets the base ranking (source 'base')")
+        return None
+    backbone = load_backbone(settings.backbone, settings.home)
+    directory = fetch_adapter(
+        record, store, settings.home / "cache" / "artifacts", backbone.backbone_hash
+    )
+    model = PeftModel.from_pretrained(backbone.model, directory)
+    model.eval()
+    regressor = model_from_state(torch.load(directory / "hint_regressor.pt", weights_only=False))
+    users = json.loads((directory / "user_ids.json").read_text())
+    items = json.loads((directory / "item_ids.json").read_text())
+    log.info("ranker: %s on %s (%s)", record.label, backbone.backbone_id, backbone.device)
+    return Ranker(
+        model,
+        backbone.tokenizer,
+        record,
+        regressor,
+        {u: n for n, u in enumerate(users)},
+        {i: n for n, i in enumerate(items)},
+        backbone.backbone_id,
+        backbone.device,
+    )
+
+
+def serving_split(
+    database_url: str,
+    user_ids: list[str],
+    watermark: datetime,
+    item_ids: list[str],
+    like_threshold: float,
+) -> SplitData:
+    """The users' ratings up to the watermark as a SplitData with nothing held out, indexed by
+    `user_ids` and the champion's `item_ids`: at serving time the whole history is "train"."""
+    item_index = {item: n for n, item in enumerate(item_ids)}
+    user_index = {user: n for n, user in enumerate(user_ids)}
+    us: list[int] = []
+    its: list[int] = []
+    vals: list[float] = []
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT user_id, item_id, rating FROM recranker.interactions "
+            "WHERE user_id = ANY(%s) AND event_ts <= %s ORDER BY user_id, event_ts, item_id",
+            (user_ids, watermark),
+        )
+        for user, item, rating in rows:
+            index = item_index.get(item)
+            if index is not None:
+                us.append(user_index[user])
+                its.append(index)
+                vals.append(float(rating))
+    u = np.array(us, dtype=np.int32)
+    i = np.array(its, dtype=np.int32)
+    v = np.array(vals, dtype=np.float32)
+    n_users = len(user_ids)
+    like = v >= like_threshold
+
+    def csr(mask: npt.NDArray[np.bool_], unique: bool) -> tuple[Any, Any, list[Any]]:
+        uu, ii = u[mask], i[mask]
+        counts = np.bincount(uu, minlength=n_users)
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        per_user = [ii[indptr[k] : indptr[k + 1]] for k in range(n_users)]
+        if unique:
+            per_user = [np.unique(x) for x in per_user]
+            counts = np.array([x.size for x in per_user])
+            indptr = np.zeros(n_users + 1, dtype=np.int64)
+            np.cumsum(counts, out=indptr[1:])
+        flat = np.concatenate(per_user).astype(np.int32) if per_user else np.empty(0, np.int32)
+        return indptr, flat, per_user
+
+    like_ptr, like_idx, _ = csr(like, unique=True)
+    _, _, sequences = csr(like, unique=False)
+    seen_ptr, seen_idx, _ = csr(np.ones_like(like), unique=True)
+    none = np.full(n_users, -1, dtype=np.int32)
+    return SplitData(
+        user_ids=list(user_ids),
+        item_ids=list(item_ids),
+        train_indptr=like_ptr,
+        train_indices=like_idx,
+        train_sequences=[s.astype(np.int32) for s in sequences],
+        rating_users=u,
+        rating_items=i,
+        rating_values=v,
+        valid_item=none,
+        test_item=none.copy(),
+        seen_valid_indptr=seen_ptr,
+        seen_valid_indices=seen_idx,
+        seen_test_indptr=seen_ptr,
+        seen_test_indices=seen_idx,
+        watermark=watermark,
+        like_threshold=like_threshold,
+    )
+
+
+class ServingHints:
+    """Hints at serving time: the champion's candidate scores (its order of the candidates) and
+    the adapter's rating regressor (global mean for a user or item it never saw)."""
+
+    def __init__(
+        self, data: SplitData, ranker: Ranker, candidate_scores: dict[int, dict[int, float]]
+    ) -> None:
+        self.data = data
+        self.ranker = ranker
+        self.candidate_scores = candidate_scores
+        self.mean = float(ranker.regressor.hparams.get("global_mean", 3.0))
+
+    def item_scores(self, user: int) -> npt.NDArray[np.floating]:
+        scores = np.full(self.data.n_items, -np.inf)
+        for item, s in self.candidate_scores.get(user, {}).items():
+            scores[item] = s
+        return scores
+
+    def predict_ratings(self, user: int, items: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
+        out = np.full(len(items), self.mean)
+        u = self.ranker.regressor_users.get(self.data.user_ids[user])
+        if u is None:
+            return out
+        known = [
+            (n, j)
+            for n, item in enumerate(np.asarray(items).tolist())
+            if (j := self.ranker.regressor_items.get(self.data.item_ids[item])) is not None
+        ]
+        if known:
+            rows, cols = zip(*known, strict=True)
+            out[list(rows)] = self.ranker.regressor.predict(np.full(len(cols), u), np.array(cols))
+        return out
+
+
+@dataclass
+class ShardResult:
+    rows: list[RecommendationRow]
+    users: int = 0
+    llm_users: int = 0
+    base_users: int = 0
+    cold_users: int = 0
+    llm_failures: int = 0
+    prompt_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def rank_shard(
+    database_url: str,
+    champion: ChampionScorer,
+    ranker: Ranker | None,
+    catalog: Catalog | None,
+    user_ids: list[str],
+    watermark: datetime,
+    settings: Any,
+    *,
+    llm_users: set[str] | None = None,
+) -> ShardResult:
+    """Rows of one shard: every user with candidates gets `settings.rank.k` rows; users in
+    `llm_users` (all when None) are re-ranked by the LLM when a ranker is given."""
+    from recranker_core.ranker.score import score_users
+
+    rank = settings.rank
+    if rank.mode not in MODES:
+        from recranker_core.errors import ConfigError
+
+        raise ConfigError(f"RECRANKER_RANK__MODE={rank.mode!r}: use one of {', '.join(MODES)}")
+    weights = Weights(*rank.weights)
+    t0 = time.perf_counter()
+    candidates = [
+        c
+        for chunk in champion_candidates(
+            database_url,
+            champion,
+            user_ids,
+            watermark,
+            chunk_size=max(1, len(user_ids)),
+            like_threshold=settings.retrain.like_threshold,
+        )
+        for c in chunk
+    ]
+    result = ShardResult([], users=len(user_ids), cold_users=len(user_ids) - len(candidates))
+    result.seconds["candidates"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    to_score = [
+        c
+        for c in candidates
+        if ranker is not None
+        and rank.mode != "base"
+        and (llm_users is None or c.user_id in llm_users)
+    ]
+    reranked: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = {}
+    if to_score and ranker is not None and catalog is not None:
+        data = serving_split(
+            database_url,
+            [c.user_id for c in to_score],
+            watermark,
+            champion.item_ids,
+            settings.retrain.like_threshold,
+        )
+        item_index = {item: n for n, item in enumerate(champion.item_ids)}
+        cand_idx = [[item_index[i] for i in c.items] for c in to_score]
+        hints = ServingHints(
+            data,
+            ranker,
+            {
+                u: dict(zip(idx, c.scores, strict=True))
+                for u, (idx, c) in enumerate(zip(cand_idx, to_score, strict=True))
+            },
+        )
+        step = max(1, rank.users_per_batch)
+        for lo in range(0, len(to_score), step):
+            group = list(range(lo, min(lo + step, len(to_score))))
+            try:
+                work = [
+                    (
+                        u,
+                        cand_idx[u],
+                        build_inference_prompts(
+                            data, catalog, hints, u, cand_idx[u], "valid", settings.prompts
+                        ),
+                    )
+                    for u in group
+                ]
+                scored = score_users(
+                    ranker.model,
+                    ranker.tokenizer,
+                    work,
+                    batch_size=rank.score_batch_size,
+                    # A single-task mode reads only that task's prompts.
+                    tasks=TASK_MODES if rank.mode == "hybrid" else (rank.mode,),
+                )
+            except Exception as exc:  # one bad group must not sink the shard: base fallback
+                log.warning(
+                    "LLM scoring failed for %d users (%s); they keep the base ranking",
+                    len(group),
+                    exc,
+                )
+                result.llm_failures += len(group)
+                continue
+            for s in scored:
+                util = utilities(
+                    s.pointwise, s.pairwise, s.listwise, Weights.for_mode(rank.mode, weights)
+                )
+                order = order_for_mode(rank.mode, s.pointwise, s.pairwise, s.listwise, weights)
+                reranked[to_score[s.user].user_id] = (order, util)
+                result.prompt_tokens += s.prompt_tokens
+    result.seconds["llm"] = time.perf_counter() - t1
+    for c in candidates:
+        k = min(rank.k, len(c.items))
+        if c.user_id in reranked:
+            order, util = reranked[c.user_id]
+            result.llm_users += 1
+            for r, pos in enumerate(order[:k].tolist()):
+                result.rows.append(
+                    RecommendationRow(
+                        c.user_id, r + 1, c.items[pos], float(util[pos]), pos + 1, "llm"
+                    )
+                )
+        else:
+            result.base_users += 1
+            for r in range(k):
+                result.rows.append(
+                    RecommendationRow(
+                        c.user_id, r + 1, c.items[r], float(c.scores[r]), r + 1, "base"
+                    )
+                )
+    return result
+
+
+def most_active_users(
+    database_url: str, user_ids: list[str], watermark: datetime, limit: int
+) -> set[str]:
+    """The `limit` users with the most interactions up to the watermark (ties by id)."""
+    if limit <= 0:
+        return set()
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT user_id FROM recranker.interactions WHERE user_id = ANY(%s) "
+            "AND event_ts <= %s GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT %s",
+            (user_ids, watermark, limit),
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def shards_of(user_ids: list[str], shard_size: int) -> list[list[str]]:
+    return [user_ids[lo : lo + shard_size] for lo in range(0, len(user_ids), shard_size)]
+
+
+def cache_root(settings: Any) -> Path:
+    return Path(settings.home) / "cache" / "artifacts"

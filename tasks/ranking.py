@@ -1,0 +1,157 @@
+"""Prefect tasks of the batch-ranking and evaluation stages: the champion scorer and ranker, one
+shard ranked and written, the run published, and the artifacts a person reads."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from recranker_core.base.candidates import ChampionScorer
+from recranker_core.config import Settings
+from recranker_core.ranker.batch import Ranker
+from tasks.common import retry_transient
+
+
+def store_for(settings: Settings) -> Any:
+    from recranker_core.stack import s3_config
+    from recranker_core.store import S3ArtifactStore
+
+    return S3ArtifactStore(s3_config(settings))
+
+
+@task(
+    name="load-champion",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
+)
+def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
+    from recranker_core.base.candidates import load_champion
+    from recranker_core.ranker.batch import cache_root
+
+    champion = load_champion(database_url, store_for(settings), cache_root(settings))
+    get_run_logger().info(
+        "champion model %d (%s), scorer on %s",
+        champion.model_id,
+        champion.kind,
+        champion.scorer.provider,
+    )
+    return champion
+
+
+@task(
+    name="load-ranker",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
+)
+def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
+    from recranker_core.ranker.batch import load_ranker
+
+    ranker = load_ranker(database_url, store_for(settings), settings)
+    if ranker is None:
+        get_run_logger().warning("no champion adapter: this run publishes base rankings only")
+    else:
+        get_run_logger().info(
+            "ranker: %s on %s (%s)", ranker.adapter.label, ranker.backbone_id, ranker.device
+        )
+    return ranker
+
+
+@task(
+    name="rank-shard",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    task_run_name="shard {shard}",
+)
+def rank_shard_task(
+    database_url: str,
+    run_id: str,
+    shard: int,
+    users: list[str],
+    champion: Any,
+    ranker: Any,
+    catalog: Any,
+    watermark: datetime,
+    settings: Settings,
+    llm_users: set[str] | None,
+) -> dict[str, Any]:
+    """Rank one shard and write its rows in one transaction (idempotent: a retry replaces)."""
+    import time
+
+    from recranker_core.ranker.batch import rank_shard
+    from recranker_core.ranker.publish import write_shard
+
+    started = time.perf_counter()
+    result = rank_shard(
+        database_url, champion, ranker, catalog, users, watermark, settings, llm_users=llm_users
+    )
+    seconds = time.perf_counter() - started
+    written = write_shard(
+        database_url,
+        run_id,
+        shard,
+        result.rows,
+        users=users,
+        llm_users=result.llm_users,
+        base_users=result.base_users,
+        seconds=seconds,
+    )
+    return {
+        "shard": shard,
+        "users": result.users,
+        "rows": written,
+        "llm_users": result.llm_users,
+        "base_users": result.base_users,
+        "cold_users": result.cold_users,
+        "llm_failures": result.llm_failures,
+        "prompt_tokens": result.prompt_tokens,
+        "seconds": round(seconds, 2),
+        "candidates_s": round(result.seconds.get("candidates", 0.0), 2),
+        "llm_s": round(result.seconds.get("llm", 0.0), 2),
+    }
+
+
+def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]) -> None:
+    create_table_artifact(
+        key="batch-rank-shards", table=shards, description="Shards of this ranking run"
+    )
+    lines = [
+        f"### Ranking run `{summary['run_id']}`",
+        "",
+        f"- status: **{summary['status']}**"
+        + (f" (previous run `{summary['previous']}`)" if summary.get("previous") else ""),
+        f"- users: {summary['users']:,} active, {summary['llm_users']:,} re-ranked by the LLM, "
+        f"{summary['base_users']:,} base ranking, {summary['cold_users']:,} cold (no candidates)",
+        f"- rows: {summary['rows']:,} in `recranker.recommendations`; consumers read "
+        "`recranker.recommendations_current`",
+        f"- base model {summary['model_id']}, adapter {summary['adapter_id']}, "
+        f"mode {summary['mode']}",
+        f"- {summary['seconds']} s in all",
+    ]
+    if summary.get("dropped"):
+        lines.append(f"- dropped old runs: {', '.join(summary['dropped'])}")
+    create_markdown_artifact(
+        key="batch-rank", markdown="\n".join(lines), description="What was ranked and published"
+    )
+
+
+def publish_eval_artifacts(rows: list[dict[str, Any]], report_path: str, weights: Any) -> None:
+    create_table_artifact(
+        key="ranker-evaluation",
+        table=rows,
+        description="HR/NDCG of the base model, each task and the hybrid (METHOD.md table)",
+    )
+    create_markdown_artifact(
+        key="ranker-evaluation-report",
+        markdown=f"### Ranker evaluation\n\nHTML report with plots: `{report_path}` "
+        f"(file://{report_path})\n\nweights: `{weights}`",
+        description="Where the evaluation report is",
+    )

@@ -1,0 +1,98 @@
+"""Batch ranking end to end with a tiny random Llama: tune an adapter, rank every active user,
+publish, read the consumer view; a second run switches the view atomically; a run without an
+adapter publishes base rankings; the evaluation table and HTML report are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from recranker_core.config import Settings
+
+
+def current_rows(url: str) -> list[tuple[str, str, int, str, str]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT run_id, user_id, rank, item_id, source FROM recranker.recommendations_current "
+            "ORDER BY user_id, rank"
+        ).fetchall()
+
+
+def test_rank_publish_switch_and_evaluate(
+    s3_settings: Settings, tiny_pipeline: dict[str, object], prefect_api: str, monkeypatch
+):
+    from flows.batch_rank import batch_rank_flow
+    from flows.evaluate_ranker import evaluate_ranker_flow
+    from flows.tune_ranker import tune_ranker_flow
+
+    url = str(tiny_pipeline["database_url"])
+    # No adapter yet: the run publishes the base model's lists, every row source 'base'.
+    base_run = batch_rank_flow()
+    rows = current_rows(url)
+    assert {r[0] for r in rows} == {base_run["run_id"]} and {r[4] for r in rows} == {"base"}
+    assert base_run["llm_users"] == 0 and base_run["base_users"] == base_run["users"]
+
+    tune_ranker_flow(max_steps=4)
+    monkeypatch.setenv("RECRANKER_RANK__SHARD_SIZE", "50")
+    monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "30")
+    run = batch_rank_flow()
+    assert run["previous"] == base_run["run_id"] and run["status"] == "published"
+    rows = current_rows(url)
+    assert {r[0] for r in rows} == {run["run_id"]}  # the view switched whole
+    users = {r[1] for r in rows}
+    assert len(users) == run["users"] - run["cold_users"]
+    per_user: dict[str, list[tuple[int, str, str]]] = {}
+    for _, user, rank, item, source in rows:
+        per_user.setdefault(user, []).append((rank, item, source))
+    with psycopg.connect(url) as conn:
+        seen: dict[str, set[str]] = {}
+        for u, i in conn.execute("SELECT user_id, item_id FROM recranker.interactions"):
+            seen.setdefault(u, set()).add(i)
+    sources = {}
+    for user, items in per_user.items():
+        assert [r for r, _, _ in items] == list(range(1, 11)), user
+        assert len({i for _, i, _ in items}) == 10 and not seen[user] & {i for _, i, _ in items}
+        sources[user] = {s for _, _, s in items}
+        assert len(sources[user]) == 1  # a user's list comes from one source
+    assert sum(s == {"llm"} for s in sources.values()) == run["llm_users"] == 30
+    # The LLM re-orders the base candidates: same items as the base run for the same user.
+    base_items: dict[str, set[str]] = {}
+    with psycopg.connect(url) as conn:
+        for user, item in conn.execute(
+            "SELECT user_id, item_id FROM recranker.recommendations WHERE run_id = %s",
+            (base_run["run_id"],),
+        ):
+            base_items.setdefault(user, set()).add(item)
+    assert all({i for _, i, _ in per_user[u]} == base_items[u] for u in per_user)
+
+    # `recranker runs` shows both runs and marks the published one.
+    listed = subprocess.run(
+        [sys.executable, "-m", "flows", "runs", "--json"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert {r["run_id"] for r in json.loads(listed.stdout)} >= {run["run_id"], base_run["run_id"]}
+
+    result = evaluate_ranker_flow(None, 60)
+    table = result["table"]
+    assert set(table) >= {"base", "pointwise", "pairwise", "listwise", "hybrid"}
+    for mode in ("base", "pointwise", "pairwise", "listwise", "hybrid"):
+        assert set(table[mode]) == {"valid", "test"}
+        # Re-rankers only re-order the base top-N: HR@10 is the same for every method.
+        assert table[mode]["test"]["hr@10"] == table["base"]["test"]["hr@10"]
+    report = Path(result["report"])
+    assert report.exists() and "<svg" in report.read_text()
+    with psycopg.connect(url) as conn:
+        stored = conn.execute(
+            "SELECT metrics FROM recranker.ranker_evaluations WHERE evaluation_id = %s",
+            (result["evaluation_id"],),
+        ).fetchone()
+    assert stored is not None and stored[0]["hybrid"]["test"] == table["hybrid"]["test"]
