@@ -66,11 +66,17 @@ def _excluded(
 
 
 def evaluate_scores(
-    score_fn: ScoreFn, data: SplitData, ks: Iterable[int] = DEFAULT_KS
+    score_fn: ScoreFn,
+    data: SplitData,
+    ks: Iterable[int] = DEFAULT_KS,
+    *,
+    test_score_fn: ScoreFn | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{"valid": {"hr@3": ..}, "test": {...}} over all evaluable users."""
+    """{"valid": {"hr@3": ..}, "test": {...}} over all evaluable users. `test_score_fn`, when
+    given, scores for the test item (a sequence model reading the validation like too)."""
     ks = tuple(ks)
+    fns = {"valid": score_fn, "test": test_score_fn or score_fn}
     return {
-        target: rank_metrics(target_ranks(score_fn, data, target), ks)
+        target: rank_metrics(target_ranks(fns[target], data, target), ks)
         for target in ("valid", "test")
     }

@@ -409,6 +409,19 @@ class SASRec(_Recommender):
         self.eval()
         return SequenceScoring(self)
 
+    def sequence_scores(
+        self, users: Int64Array, sequences: list[npt.NDArray[np.int32]]
+    ) -> Float32Array:
+        """Scores of every item from the given like sequences (`sequences[u]` for each user),
+        e.g. the train likes plus the validation like when ranking for the test item."""
+        self.eval()
+        padded = pad_sequences([sequences[int(u)] for u in np.asarray(users)], self.max_len)
+        with torch.no_grad():
+            scores = self.scoring_module()(
+                torch.as_tensor(np.asarray(users, dtype=np.int64)), torch.as_tensor(padded)
+            )
+        return scores.numpy().astype(np.float32, copy=False)
+
     def user_embeddings(self) -> Float32Array:
         """The last hidden state of each user's train sequence (what scores their next item)."""
         self.eval()

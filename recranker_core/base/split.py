@@ -42,6 +42,10 @@ class SplitData:
     seen_test_indices: npt.NDArray[np.int32]
     watermark: datetime | None = None
     like_threshold: float = 4.0
+    # Per user, the likes before the test like in time order (the train likes plus the
+    # validation like): what a sequence model reads when ranking for the test item. None: the
+    # train sequences (no validation likes known).
+    test_sequences: list[npt.NDArray[np.int32]] | None = None
     stats: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -62,6 +66,12 @@ class SplitData:
                 self.seen_valid_indptr[user] : self.seen_valid_indptr[user + 1]
             ]
         return self.seen_test_indices[self.seen_test_indptr[user] : self.seen_test_indptr[user + 1]]
+
+    def sequences_for(self, target: str) -> list[npt.NDArray[np.int32]]:
+        """The like sequences a sequence model reads when ranking for `target`."""
+        if target == "test" and self.test_sequences is not None:
+            return self.test_sequences
+        return self.train_sequences
 
     def evaluable_users(self) -> npt.NDArray[np.int64]:
         return np.flatnonzero(self.test_item >= 0)
@@ -148,6 +158,10 @@ def build_split(
     sequences = [seq_items[seq_indptr[k] : seq_indptr[k + 1]] for k in range(n_users)]
     seen_valid_indptr, seen_valid_indices = csr(train, unique=True)
     seen_test_indptr, seen_test_indices = csr(before_test, unique=True)
+    test_sequences = [
+        np.append(seq, valid_item[k]).astype(np.int32) if valid_item[k] >= 0 else seq
+        for k, seq in enumerate(sequences)
+    ]
 
     return SplitData(
         user_ids=users.tolist(),
@@ -166,6 +180,7 @@ def build_split(
         seen_test_indices=seen_test_indices,
         watermark=watermark,
         like_threshold=like_threshold,
+        test_sequences=test_sequences,
         stats={
             "interactions": int(len(df)),
             "users": int(n_users),

@@ -70,7 +70,15 @@ def train_model(kind: str, data: SplitData, settings: BaseTrainSettings) -> Trai
     if kind != "mostpop":
         hyper |= {"embedding_dim": settings.embedding_dim, **getattr(settings, kind).model_dump()}
 
-    metrics = evaluate_scores(model.full_scores, data)
+    test_fn = None
+    if kind == "sasrec" and data.test_sequences is not None:
+        # METHOD.md section 1: the validation item may be in the history when scoring test.
+        test_sequences = data.test_sequences
+
+        def test_fn(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+            return model.sequence_scores(users, test_sequences)
+
+    metrics = evaluate_scores(model.full_scores, data, test_score_fn=test_fn)
     if kind == "biasedmf":
         metrics["valid"]["rmse"] = min(row["rmse"] for row in history)
     log.info(

@@ -161,8 +161,12 @@ def base_candidates(
 ) -> npt.NDArray[np.int64]:
     """The base model's top-n items per user for `target`, the protocol's exclusions applied."""
     out = np.empty((users.size, n), dtype=np.int64)
+    sequences = ctx.data.sequences_for(target)
     for row, user in enumerate(users.tolist()):
-        raw = np.array(ctx.model.full_scores(np.array([user])), dtype=np.float64)[0]
+        if hasattr(ctx.model, "sequence_scores"):
+            raw = np.array(ctx.model.sequence_scores(np.array([user]), sequences), np.float64)[0]
+        else:
+            raw = np.array(ctx.model.full_scores(np.array([user])), dtype=np.float64)[0]
         scores = raw.copy()
         scores[ctx.data.seen(user, target)] = -np.inf
         held = ctx.data.valid_item[user] if target == "valid" else ctx.data.test_item[user]

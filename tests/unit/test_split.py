@@ -34,6 +34,9 @@ def test_last_like_is_test_second_last_is_valid():
     assert data.valid_item[0] == idx(data, "d") and data.test_item[0] == idx(data, "f")
     assert sorted(data.item_ids[i] for i in data.train_items(0)) == ["a", "c"]
     assert [data.item_ids[i] for i in data.train_sequences[0]] == ["a", "c"]
+    # Ranking for the test item, a sequence model reads the validation like too.
+    assert [data.item_ids[i] for i in data.sequences_for("test")[0]] == ["a", "c", "d"]
+    assert data.sequences_for("valid")[0] is data.train_sequences[0]
     assert sorted(data.item_ids[i] for i in data.seen(0, "valid")) == ["a", "b", "c"]
     assert sorted(data.item_ids[i] for i in data.seen(0, "test")) == ["a", "b", "c", "d", "e"]
     # The rating regressor sees train-period ratings only.
