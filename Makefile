@@ -38,6 +38,9 @@ bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/base_models.py
 	$(BIN)/python benchmarks/candidates.py
+	$(BIN)/python benchmarks/tune.py
+	$(BIN)/python benchmarks/score.py --backbone default --users 3
+	$(BIN)/python benchmarks/rank.py --users 3
 
 lint: install
 	$(BIN)/ruff check recranker_core tasks flows tests benchmarks

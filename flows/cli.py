@@ -757,7 +757,7 @@ def build_deployments(
                 Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
                 for s in entry.get("schedules") or []
             ]
-            deployment = RunnerDeployment.from_storage(
+            deployment: RunnerDeployment = RunnerDeployment.from_storage(  # type: ignore[assignment]
                 storage=LocalStorage(path=str(source_dir)),
                 entrypoint=entry["entrypoint"],
                 name=name,
@@ -775,7 +775,7 @@ def build_deployments(
             raise ConfigError(f"deployment {name!r}: {type(exc).__name__}: {exc}") from exc
         from prefect.flows import load_flow_from_entrypoint
 
-        fn = load_flow_from_entrypoint(entry["entrypoint"]).fn
+        fn: Any = load_flow_from_entrypoint(entry["entrypoint"]).fn
         hints = typing.get_type_hints(fn)
         for key, value in deployment.parameters.items():
             if key not in hints:
@@ -807,9 +807,11 @@ def deploy(
     api = _require_prefect_api()
     spec = load_deploy_file(file)
     source = (source_dir or file.resolve().parent.parent).resolve()
+    # Every deployment is built and checked before anything is registered.
+    deployments = build_deployments(spec, source, only, with_pools=True)
     for line in _ensure_work_pools((spec.get("definitions") or {}).get("work_pools") or []):
         typer.echo(line)
-    for deployment in build_deployments(spec, source, only, with_pools=True):
+    for deployment in deployments:
         deployment_id = deployment.apply()
         when = ", ".join(
             f"{s.schedule.cron} {s.schedule.timezone}" for s in deployment.schedules or []
