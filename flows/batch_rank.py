@@ -26,7 +26,7 @@ def batch_rank_flow(
     """Rank all active users; `run_id` of an unfinished run resumes it from its done shards."""
     from recranker_core.base.candidates import active_users, data_watermark
     from recranker_core.ranker import publish as runs
-    from recranker_core.ranker.batch import most_active_users, shards_of
+    from recranker_core.ranker.batch import most_active_users, popular_items, shards_of
     from recranker_core.ranker.prompts import Catalog
 
     started = time.perf_counter()
@@ -72,6 +72,7 @@ def batch_rank_flow(
             watermark,
         )
         catalog = Catalog.from_database(database_url, champion.item_ids) if ranker else None
+        popular = popular_items(database_url, watermark)
         results: list[dict[str, Any]] = []
         try:
             for shard, shard_users in enumerate(state.shards):
@@ -89,6 +90,7 @@ def batch_rank_flow(
                         watermark,
                         settings,
                         llm_users,
+                        popular,
                     )
                 )
                 logger.info("shard %d/%d done: %s", shard + 1, len(state.shards), results[-1])

@@ -82,6 +82,7 @@ def rank_shard_task(
     watermark: datetime,
     settings: Settings,
     llm_users: set[str] | None,
+    popular: list[str] | None = None,
 ) -> dict[str, Any]:
     """Rank one shard and write its rows in one transaction (idempotent: a retry replaces)."""
     import time
@@ -91,7 +92,15 @@ def rank_shard_task(
 
     started = time.perf_counter()
     result = rank_shard(
-        database_url, champion, ranker, catalog, users, watermark, settings, llm_users=llm_users
+        database_url,
+        champion,
+        ranker,
+        catalog,
+        users,
+        watermark,
+        settings,
+        llm_users=llm_users,
+        popular=popular,
     )
     seconds = time.perf_counter() - started
     written = write_shard(
@@ -129,7 +138,8 @@ def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]
         f"- status: **{summary['status']}**"
         + (f" (previous run `{summary['previous']}`)" if summary.get("previous") else ""),
         f"- users: {summary['users']:,} active, {summary['llm_users']:,} re-ranked by the LLM, "
-        f"{summary['base_users']:,} base ranking, {summary['cold_users']:,} cold (no candidates)",
+        f"{summary['base_users']:,} base ranking, {summary['cold_users']:,} cold (unknown to "
+        "the base model: most popular items)",
         f"- rows: {summary['rows']:,} in `recranker.recommendations`; consumers read "
         "`recranker.recommendations_current`",
         f"- base model {summary['model_id']}, adapter {summary['adapter_id']}, "

@@ -203,9 +203,12 @@ def rank_shard(
     settings: Any,
     *,
     llm_users: set[str] | None = None,
+    popular: list[str] | None = None,
 ) -> ShardResult:
     """Rows of one shard: every user with candidates gets `settings.rank.k` rows; users in
-    `llm_users` (all when None) are re-ranked by the LLM when a ranker is given."""
+    `llm_users` (all when None) are re-ranked by the LLM when a ranker is given. Users the
+    champion has never seen (cold: no embedding, no candidates) get the most `popular` items
+    they have not interacted with, as base rows."""
     from recranker_core.ranker.score import score_users
 
     rank = settings.rank
@@ -313,7 +316,41 @@ def rank_shard(
                         c.user_id, r + 1, c.items[r], float(c.scores[r]), r + 1, "base"
                     )
                 )
+    if popular:
+        served = {c.user_id for c in candidates}
+        cold = [u for u in user_ids if u not in served]
+        if cold:
+            interacted = _interacted(database_url, cold, watermark)
+            for user in cold:
+                picks = [i for i in popular if i not in interacted.get(user, set())][: rank.k]
+                for r, item in enumerate(picks):
+                    result.rows.append(
+                        RecommendationRow(user, r + 1, item, float(-r), r + 1, "base")
+                    )
     return result
+
+
+def _interacted(database_url: str, users: list[str], watermark: datetime) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    with connect(database_url) as conn:
+        for user, item in conn.execute(
+            "SELECT user_id, item_id FROM recranker.interactions "
+            "WHERE user_id = ANY(%s) AND event_ts <= %s",
+            (users, watermark),
+        ):
+            out.setdefault(user, set()).add(item)
+    return out
+
+
+def popular_items(database_url: str, watermark: datetime, limit: int = 1000) -> list[str]:
+    """The most interacted-with items up to the watermark (ties by id): cold users' list."""
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT item_id FROM recranker.interactions WHERE event_ts <= %s "
+            "GROUP BY item_id ORDER BY count(*) DESC, item_id LIMIT %s",
+            (watermark, limit),
+        ).fetchall()
+    return [r[0] for r in rows]
 
 
 def most_active_users(

@@ -38,6 +38,15 @@ def test_rank_publish_switch_and_evaluate(
     assert base_run["llm_users"] == 0 and base_run["base_users"] == base_run["users"]
 
     tune_ranker_flow(max_steps=4)
+    # A user who arrived after the base model's watermark: cold, served the popular items.
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO recranker.interactions (user_id, item_id, rating, event_ts, batch_id) "
+            "SELECT 'brand-new-user', item_id, 5, ts + interval '1 day', batch_id FROM ("
+            "  SELECT item_id, event_ts AS ts, batch_id FROM recranker.interactions "
+            "  ORDER BY event_ts DESC LIMIT 1) latest"
+        )
+        conn.commit()
     monkeypatch.setenv("RECRANKER_RANK__SHARD_SIZE", "50")
     monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "30")
     run = batch_rank_flow()
@@ -45,7 +54,9 @@ def test_rank_publish_switch_and_evaluate(
     rows = current_rows(url)
     assert {r[0] for r in rows} == {run["run_id"]}  # the view switched whole
     users = {r[1] for r in rows}
-    assert len(users) == run["users"] - run["cold_users"]
+    assert len(users) == run["users"] and run["cold_users"] == 1
+    cold = [r for r in rows if r[1] == "brand-new-user"]
+    assert len(cold) == 10 and {r[4] for r in cold} == {"base"}
     per_user: dict[str, list[tuple[int, str, str]]] = {}
     for _, user, rank, item, source in rows:
         per_user.setdefault(user, []).append((rank, item, source))
@@ -68,7 +79,7 @@ def test_rank_publish_switch_and_evaluate(
             (base_run["run_id"],),
         ):
             base_items.setdefault(user, set()).add(item)
-    assert all({i for _, i, _ in per_user[u]} == base_items[u] for u in per_user)
+    assert all({i for _, i, _ in per_user[u]} == base_items[u] for u in base_items)
 
     # `recranker runs` shows both runs and marks the published one.
     listed = subprocess.run(
