@@ -11,7 +11,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -371,7 +371,11 @@ def models_rollback() -> None:
 @app.command("tune")
 def tune_ranker(
     objective: Annotated[
-        str | None, typer.Option(help="Tuning objective (default RECRANKER_TUNE__OBJECTIVE).")
+        Literal["sft", "alro", "dmpo"] | None,  # TuneSettings.objective
+        typer.Option(
+            help="Tuning objective: sft, alro (SFT + ALRO's listwise ranking losses) or dmpo "
+            "(from the champion SFT adapter); default RECRANKER_TUNE__OBJECTIVE."
+        ),
     ] = None,
     profile: Annotated[
         str | None,

@@ -23,6 +23,7 @@ BaseKind = Literal["mostpop", "mf", "lightgcn", "sasrec", "biasedmf"]
 RankMode = Literal["hybrid", "pointwise", "pairwise", "listwise", "base"]
 EvalTarget = Literal["valid", "test"]
 TuneProfile = Literal["full", "cpu-demo"]
+TuneObjective = Literal["sft", "alro", "dmpo"]  # TuneSettings.objective
 
 
 class StageParams(BaseModel):
@@ -59,8 +60,10 @@ class RetrainBaseParams(StageParams):
 class TuneRankerParams(StageParams):
     """Parameters of the `tune-ranker` deployment."""
 
-    objective: str | None = Field(
-        None, description="Tuning objective (`sft`); empty: RECRANKER_TUNE__OBJECTIVE."
+    objective: TuneObjective | None = Field(
+        None,
+        description="Tuning objective: `sft`, `alro` (SFT + ALRO's listwise ranking losses) or "
+        "`dmpo` (from the champion SFT adapter); empty: RECRANKER_TUNE__OBJECTIVE.",
     )
     profile: TuneProfile | None = Field(
         None,

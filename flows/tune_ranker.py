@@ -1,7 +1,7 @@
 """Flow `tune-ranker`: sample users, build the three-task instruction data from the champion
-base model's split, tune a LoRA adapter on the backbone, store and register it, and promote it
-only if it passes the gate. Runs on the `gpu` work pool in production, on CPU with the demo
-profile here."""
+base model's split, tune a LoRA adapter on the backbone with the chosen objective (SFT, ALRO, or
+DMPO from the SFT adapter), store and register it, and promote it only if it passes the gate.
+Runs on the `gpu` work pool in production, on CPU with the demo profile here."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tasks.tuning import (
     load_base_task,
     publish_tuning_artifacts,
     sample_users_task,
+    start_adapter_task,
     tune_adapter_task,
 )
 
@@ -38,11 +39,12 @@ def tune_ranker_flow(
     settings, profile_line = effective_settings(settings)
     get_run_logger().info("tuning with the %s", profile_line)
     database_url = resolve_database(settings)
+    start = start_adapter_task(database_url, settings)
     ctx = load_base_task(database_url, settings)
     sample = sample_users_task(ctx, settings)
     prompts, counts, dataset_uri, catalog = build_dataset_task(ctx, sample, settings, database_url)
     summary = tune_adapter_task(
-        ctx, prompts, catalog, sample, dataset_uri, settings, database_url, max_steps
+        ctx, prompts, catalog, sample, dataset_uri, settings, database_url, max_steps, start
     )
     publish_tuning_artifacts(summary, counts, profile_line)
     return {**summary, "profile": profile_line, "dataset": dataset_uri}

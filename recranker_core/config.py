@@ -4,6 +4,7 @@ nested sections with a double underscore, e.g. RECRANKER_INGEST__FAILURE_BUDGET=
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -219,7 +220,12 @@ class TuneSettings(BaseModel):
         description="`full` (the settings as given) or `cpu-demo` (a small sample and budget that "
         "finishes in minutes on 2 CPU cores; used by `make demo`).",
     )
-    objective: str = Field("sft", description="Tuning objective: `sft`.")
+    objective: Literal["sft", "alro", "dmpo"] = Field(
+        "sft",
+        description="Tuning objective: `sft` (next-token loss on the answer), `alro` (SFT plus "
+        "ALRO's Soft Lambda Loss and permutation-sensitive loss on the listwise task) or `dmpo` "
+        "(a second stage from the SFT adapter: one positive against k negatives).",
+    )
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
     epochs: int = Field(3, ge=1, description="Passes over the instruction mixture.")
     batch_size: int = Field(8, ge=1, description="Prompts per micro-batch.")
@@ -250,6 +256,39 @@ class TuneSettings(BaseModel):
         ge=0.0,
         description="An adapter becomes champion unless its validation NDCG@10 is below the "
         "champion adapter's by more than this.",
+    )
+    alro_sll_weight: float = Field(
+        1.0, ge=0.0, description="ALRO: weight of the Soft Lambda Loss (listwise prompts)."
+    )
+    alro_psl_weight: float = Field(
+        0.1,
+        ge=0.0,
+        description="ALRO: weight of the permutation-sensitive loss (each listwise prompt is also "
+        "shown with its candidates permuted; 0 skips those extra rows).",
+    )
+    alro_gamma: float = Field(
+        10.0, gt=0.0, description="ALRO: sharpness of the soft-argmax expected positions."
+    )
+    alro_rank_weights: Literal["target", "predicted"] = Field(
+        "target",
+        description="ALRO: ranks in the LambdaLoss pair weights, from the ideal order (`target`) "
+        "or the model's (`predicted`).",
+    )
+    alro_psl_kind: Literal["kl", "position"] = Field(
+        "kl",
+        description="ALRO: the permutation-sensitive loss, a symmetric KL of the slot "
+        "distributions (`kl`) or the squared difference of expected positions (`position`).",
+    )
+    dmpo_beta: float = Field(0.1, gt=0.0, description="DMPO: beta of the preference margin.")
+    dmpo_negatives: int = Field(3, ge=1, description="DMPO: negatives per positive (k; 1 is DPO).")
+    dmpo_negative_source: Literal["unseen", "low_rated", "hard"] = Field(
+        "unseen",
+        description="DMPO: negatives among a listwise prompt's candidates: `unseen` (unrated, "
+        "never interacted with), `low_rated` (rated below the positive, lowest first, then "
+        "unseen) or `hard` (the base model's highest-ranked among those).",
+    )
+    dmpo_sft_weight: float = Field(
+        0.0, ge=0.0, description="DMPO: weight of the positive's NLL as an anchor term."
     )
 
 

@@ -858,8 +858,15 @@ def _weed_env(layout: _S3Layout) -> dict[str, str]:
     return env
 
 
+PROBE_BUCKET = "recranker-probe"
+
+
 def _s3_probe(endpoint: str, creds: dict[str, str], region: str) -> str | None:
-    """None when S3 answers list_buckets with our credentials, else why not."""
+    """None when S3 stores and serves an object with our credentials, else why not.
+
+    Listing buckets only needs weed's filer; objects need its volume server, which registers
+    later (seconds, more on a loaded machine). Until then reads of objects stored before a
+    restart fail with InternalError, so readiness is a write and read of a probe object."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -878,7 +885,12 @@ def _s3_probe(endpoint: str, creds: dict[str, str], region: str) -> str | None:
         ),
     )
     try:
-        client.list_buckets()
+        buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if PROBE_BUCKET not in buckets:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        client.put_object(Bucket=PROBE_BUCKET, Key="ready", Body=b"ok")
+        if client.get_object(Bucket=PROBE_BUCKET, Key="ready")["Body"].read() != b"ok":
+            return "the probe object read back different bytes"
     except (BotoCoreError, ClientError) as exc:
         return type(exc).__name__ + ": " + str(exc)
     return None

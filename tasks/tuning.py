@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from recranker_core.config import Settings
 from recranker_core.ranker.tuning import BaseContext
+from recranker_core.registry import AdapterRecord
 from tasks.common import retry_transient
 
 
@@ -88,6 +89,25 @@ def build_dataset_task(
     return prompts, counts, stored.uri, catalog
 
 
+@task(
+    name="find-start-adapter",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
+)
+def start_adapter_task(database_url: str, settings: Settings) -> AdapterRecord | None:
+    """The SFT adapter a DMPO run starts from (None for the other objectives); checked before
+    any data is built, so a DMPO run without one fails at once."""
+    from recranker_core.ranker.tuning import sft_start_adapter
+
+    if settings.tune.objective != "dmpo":
+        return None
+    record = sft_start_adapter(database_url)
+    get_run_logger().info("DMPO starts from %s (%s)", record.label, record.artifact_uri)
+    return record
+
+
 @task(name="tune-adapter", cache_policy=NO_CACHE, task_run_name="tune {settings.tune.objective}")
 def tune_adapter_task(
     ctx: BaseContext,
@@ -98,35 +118,48 @@ def tune_adapter_task(
     settings: Settings,
     database_url: str,
     max_steps: int | None,
+    start: AdapterRecord | None = None,
 ) -> dict[str, Any]:
-    """Load the backbone, tune LoRA on the prompts, store, register and gate the adapter."""
+    """Load the backbone, tune LoRA on the prompts with the configured objective (from `start`,
+    the SFT adapter, for DMPO), store, register and gate the adapter."""
 
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.prompts import TEMPLATE_VERSION, verbalizer_ids
-    from recranker_core.ranker.tune import OBJECTIVES, encode_examples, tune
+    from recranker_core.ranker.tune import OBJECTIVES, encode_for, tune
     from recranker_core.ranker.tuning import (
         BaseHints,
+        fetch_adapter,
         make_validate,
         publish_adapter,
         validation_set,
     )
 
     logger = get_run_logger()
-    loss_fn = OBJECTIVES[settings.tune.objective]
+    objective = settings.tune.objective
+    loss_fn = OBJECTIVES[objective](settings.tune)
     backbone = load_backbone(settings.backbone, settings.home)
     verbalizer_ids(backbone.tokenizer, settings.retrain.candidates)  # fails early, clearly
-    examples, dropped = encode_examples(prompts, backbone.tokenizer, settings.tune.max_length)
+    init_adapter = None
+    if start is not None:
+        init_adapter = fetch_adapter(
+            start, _store(settings), settings.home / "cache" / "artifacts", backbone.backbone_hash
+        )
+    examples, dropped = encode_for(prompts, backbone.tokenizer, settings.tune, catalog)
     valid = validation_set(ctx, catalog, BaseHints(ctx), settings)
     logger.info(
-        "%d training examples (%d too long), %d validation users (%.1f%% of evaluable users "
+        "%s: %d training examples (%d left out), %d validation users (%.1f%% of evaluable users "
         "have their validation item among the candidates); base ndcg@10 on them %.4f",
+        objective,
         len(examples),
         dropped,
         len(valid.users),
         100 * valid.hit_share,
         valid.base_metrics["ndcg@10"],
     )
-    work_dir = settings.home / "tuning" / f"{ctx.model_id}-{settings.tune.objective}"
+    run_name = f"{ctx.model_id}-{objective}"
+    if start is not None:
+        run_name += f"-from-{start.adapter_id}"
+    work_dir = settings.home / "tuning" / run_name
     result = tune(
         backbone.model,
         backbone.tokenizer,
@@ -136,13 +169,18 @@ def tune_adapter_task(
         work_dir,
         loss_fn=loss_fn,
         max_steps=max_steps,
+        init_adapter=init_adapter,
     )
+    started_from = {}
+    if start is not None:
+        # DMPO's policy starts from this adapter and its reference is this adapter, frozen.
+        started_from = {"init_adapter_id": start.adapter_id, "init_adapter_uri": start.artifact_uri}
     metrics = {"valid": result.best_metrics, "valid_base": valid.base_metrics}
     outcome = publish_adapter(
         result.adapter_dir,
         ctx,
         {
-            "objective": settings.tune.objective,
+            "objective": objective,
             "backbone_id": backbone.backbone_id,
             "backbone_hash": backbone.backbone_hash,
             "template_version": TEMPLATE_VERSION,
@@ -160,6 +198,7 @@ def tune_adapter_task(
                 "steps": result.steps,
                 "device": backbone.device,
                 "dtype": backbone.dtype,
+                **started_from,
             },
         },
         metrics,
@@ -189,6 +228,8 @@ def tune_adapter_task(
         "resumed_from": result.resumed_from,
         "backbone": backbone.backbone_id,
         "device": backbone.device,
+        "objective": objective,
+        **started_from,
     }
 
 

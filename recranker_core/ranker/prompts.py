@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +43,7 @@ _BOUNDARY = "\x00rr-question-boundary\x00"
 _TRAIN_STREAM = 1
 _INFERENCE_STREAM = 2
 _TARGETS = ("valid", "test")
+_TOP_ASKED = re.compile(r"Which (\d+) candidates would the user like most")
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,39 @@ def build_inference_prompts(
     if cands:
         shown = [cands[j] for j in rng.permutation(len(cands))]
         top = min(settings.listwise_top, len(shown))
-        prompts.append(_listwise(catalog, user, prefix, history, shown, scores, top, None))
+        base_order = _base_order(scores, shown)
+        prompts.append(_listwise(catalog, user, prefix, history, shown, base_order, top, None))
     return prompts
+
+
+def reorder_listwise(prompt: Prompt, catalog: Catalog, permutation: Sequence[int]) -> Prompt:
+    """The listwise `prompt` with its candidates shown in another order (ALRO's permuted twin):
+    position j shows the candidate at position `permutation[j]` of `prompt`, under the
+    identifier of position j. History, wording and the base model's order stay; the hint's and
+    the label's identifiers follow their items, and the label's ratings (in shown order) move
+    with them. The permutation's inverse gives back `prompt`."""
+    if prompt.task != "listwise":
+        raise DataError(f"only a listwise prompt can be reordered, not a {prompt.task} prompt")
+    n = len(prompt.items)
+    perm = [int(j) for j in permutation]
+    if sorted(perm) != list(range(n)):
+        raise DataError(
+            f"{perm} is not a permutation of the prompt's {n} candidate positions (0..{n - 1})"
+        )
+    shown = [prompt.items[j] for j in perm]
+    order = prompt.label.get("order")
+    ratings = prompt.label.get("ratings")
+    return _listwise(
+        catalog,
+        prompt.user,
+        prompt.prefix,
+        prompt.history,
+        shown,
+        [int(i) for i in prompt.hint["order"]],
+        _listwise_top(prompt),
+        None if order is None else [int(i) for i in order],
+        None if ratings is None else [float(ratings[j]) for j in perm],
+    )
 
 
 def render(prompt: Prompt, tokenizer: Any) -> tuple[str, str, str]:
@@ -406,7 +439,10 @@ def _train_listwise(
     ties = rng.random(len(held))
     order = [held[j] for j in sorted(range(len(held)), key=lambda j: (-rated[held[j]], ties[j]))]
     prefix = _history_block(catalog, history, rated)
-    return _listwise(catalog, user, prefix, history, shown, scores, k, order)
+    # Unseen candidates have no rating: 0, which ALRO's graded gain 2^r - 1 turns into no gain.
+    ratings = [rated.get(i, 0.0) for i in shown]
+    base_order = _base_order(scores, shown)
+    return _listwise(catalog, user, prefix, history, shown, base_order, k, order, ratings)
 
 
 # --- the wording: one per task, shared by training and inference ----------------------------
@@ -486,12 +522,12 @@ def _listwise(
     prefix: str,
     history: list[int],
     shown: list[int],
-    scores: npt.NDArray[np.floating],
+    base_order: list[int],
     top: int,
     order: list[int] | None,
+    ratings: list[float] | None = None,
 ) -> Prompt:
     name = {item: IDENTIFIERS[j] for j, item in enumerate(shown)}
-    base_order = sorted(shown, key=lambda i: _preference_key(scores, i))
     lines = "".join(f"{name[i]}: {catalog.describe(i)}\n" for i in shown)
     question = (
         f"Candidates:\n{lines}"
@@ -502,6 +538,8 @@ def _listwise(
     label: dict[str, Any] = {}
     if order is not None:
         label = {"order": list(order), "identifiers": [name[i] for i in order]}
+        if ratings is not None:
+            label["ratings"] = list(ratings)
     return Prompt(
         task="listwise",
         user=user,
@@ -612,6 +650,24 @@ def _preference_key(scores: npt.NDArray[np.floating], item: int) -> tuple[float,
     # Higher score first; equal scores by item index, so that asking a pair in both orders
     # always flips the hint.
     return (-float(scores[item]), item)
+
+
+def _base_order(scores: npt.NDArray[np.floating], shown: list[int]) -> list[int]:
+    return sorted(shown, key=lambda i: _preference_key(scores, i))
+
+
+def _listwise_top(prompt: Prompt) -> int:
+    """How many candidates a listwise prompt asks for: its label's length, or for an unlabelled
+    (inference) prompt the number its question names."""
+    if prompt.label.get("order"):
+        return len(prompt.label["order"])
+    found = _TOP_ASKED.search(prompt.question)
+    if found is None:
+        raise DataError(
+            f"the listwise prompt of user {prompt.user} asks for no number of candidates; was it "
+            f"written by this template ({TEMPLATE_VERSION})?"
+        )
+    return int(found.group(1))
 
 
 def _base_prefers(scores: npt.NDArray[np.floating], first: int, second: int) -> bool:

@@ -1,9 +1,9 @@
 """LoRA instruction tuning of the ranker (METHOD.md section 5): a plain loop over the task
-mixture with the loss on answer tokens only, gradient accumulation, periodic validation on fixed
-users, early stopping, and a checkpoint after every validation so a crashed run resumes.
+mixture, gradient accumulation, periodic validation on fixed users, early stopping, and a
+checkpoint after every validation so a crashed run resumes.
 
-The loss is a function argument (`LossFn`): SFT now; ALRO and DMPO plug in without touching the
-loop."""
+The loss is a function argument (`LossFn`), made per objective by `OBJECTIVES` (SFT, ALRO, DMPO)
+from examples that `encode_for` tokenizes for it; the loop is the same for all three."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,22 @@ import numpy as np
 
 from recranker_core.config import TuneSettings
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.prompts import Prompt, render
+from recranker_core.ranker.objectives import (
+    dmpo_loss,
+    gather_answer_logps,
+    permutation_sensitive_loss,
+    single_token_answer_logps,
+    soft_lambda_loss,
+    to_original_order,
+)
+from recranker_core.ranker.prompts import (
+    IDENTIFIERS,
+    Catalog,
+    Prompt,
+    render,
+    reorder_listwise,
+    verbalizer_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +46,47 @@ IGNORE = -100  # label of prompt and padding tokens: no loss
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized prompt + answer; `labels` is IGNORE outside the answer."""
+    """One tokenized prompt + answer; `labels` is IGNORE outside the answer. The optional fields
+    feed the ALRO and DMPO objectives and are empty for SFT."""
 
     input_ids: list[int]
     labels: list[int]
     task: str
+    # ALRO, labelled listwise prompts: per answer slot, the index of the token whose next-token
+    # distribution names that slot's candidate, and the ids of all shown identifiers there.
+    slot_positions: tuple[int, ...] = ()
+    slot_token_ids: tuple[tuple[int, ...], ...] = ()
+    gains: tuple[float, ...] = ()  # 2^r - 1 per shown candidate, 0 for an unrated one
+    # The same prompt with its candidates permuted (labels all IGNORE): it shows this example's
+    # candidate permutation[j] at position j.
+    twin: Example | None = None
+    permutation: tuple[int, ...] = ()
+    # DMPO: `input_ids` end at the answer position; the positive's identifier id, then the k
+    # negatives', and their log-probabilities under the frozen reference.
+    answer_ids: tuple[int, ...] = ()
+    ref_logps: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SlotBatch:
+    """ALRO's listwise rows of a batch: the rows of the L examples, then of their twins."""
+
+    rows: Any  # torch.LongTensor [L] or [2L]: batch rows, the examples' first
+    positions: Any  # [L or 2L, m] read positions (`Example.slot_positions`)
+    token_ids: Any  # [L or 2L, m, n] identifier ids per slot
+    gains: Any  # [L, n] float
+    permutations: Any  # [L, n] the twins' permutations; [0, n] when there are no twins
 
 
 @dataclass(frozen=True)
 class Batch:
-    input_ids: Any  # torch.LongTensor [B, T], right-padded
+    input_ids: Any  # torch.LongTensor [B, T], right-padded; ALRO twins are extra rows at the end
     attention_mask: Any
     labels: Any
     tasks: list[str]
+    slots: SlotBatch | None = None
+    answer_ids: Any = None  # DMPO: [B, 1 + k]
+    ref_logps: Any = None  # DMPO: [B, 1 + k] float, when every row has them
 
 
 # A loss maps (model, batch) to a scalar tensor. SFT is the default; others share the loop.
@@ -59,7 +102,80 @@ def sft_loss(model: Any, batch: Batch) -> Any:
     ).loss
 
 
-OBJECTIVES: dict[str, LossFn] = {"sft": sft_loss}
+def sft_objective(settings: TuneSettings) -> LossFn:
+    """RecRanker's default: the next-token loss on the answer."""
+    return sft_loss
+
+
+def alro_objective(settings: TuneSettings) -> LossFn:
+    """ALRO (arXiv 2403.19181): lm + alro_sll_weight * Soft Lambda Loss over the listwise rows'
+    answer slots + alro_psl_weight * the permutation-sensitive loss between each listwise row
+    and its permuted twin. One forward pass gives the language-model loss and every slot."""
+
+    def alro_loss(model: Any, batch: Batch) -> Any:
+        import torch
+
+        out = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        )
+        slots = batch.slots
+        if slots is None:
+            return out.loss
+        # Only the slot positions are read, so no [rows, tokens, vocab] copy of the logits.
+        at = out.logits[slots.rows[:, None], slots.positions]
+        reads = torch.arange(at.shape[1], device=at.device).expand(at.shape[0], -1)
+        logps = gather_answer_logps(at, reads, slots.token_ids)
+        lists = slots.gains.shape[0]
+        loss = out.loss + settings.alro_sll_weight * soft_lambda_loss(
+            logps[:lists],
+            slots.gains,
+            gamma=settings.alro_gamma,
+            weights=settings.alro_rank_weights,
+        )
+        if slots.permutations.shape[0]:
+            twins = to_original_order(logps[lists:], slots.permutations)
+            loss = loss + settings.alro_psl_weight * permutation_sensitive_loss(
+                logps[:lists], twins, kind=settings.alro_psl_kind, gamma=settings.alro_gamma
+            )
+        return loss
+
+    return alro_loss
+
+
+def dmpo_objective(settings: TuneSettings) -> LossFn:
+    """DMPO (arXiv 2405.16127): the positive's identifier against k negatives' at the answer
+    position, relative to the reference log-probabilities stored in the examples; one forward
+    pass of the policy reads all 1 + k answers."""
+
+    def dmpo_ranking_loss(model: Any, batch: Batch) -> Any:
+        if batch.answer_ids is None or batch.ref_logps is None:
+            raise DataError(
+                "a DMPO batch needs each row's answer ids and reference log-probabilities: "
+                "encode the prompts with encode_for(objective dmpo) and let tune() read the "
+                "reference"
+            )
+        logp = single_token_answer_logps(
+            model, batch.input_ids, batch.attention_mask, batch.answer_ids
+        )
+        ref = batch.ref_logps
+        return dmpo_loss(
+            logp[:, 0],
+            logp[:, 1:],
+            ref[:, 0],
+            ref[:, 1:],
+            settings.dmpo_beta,
+            sft_weight=settings.dmpo_sft_weight,
+        )
+
+    return dmpo_ranking_loss
+
+
+# Objective name -> the loss it trains with, made from the run's settings.
+OBJECTIVES: dict[str, Callable[[TuneSettings], LossFn]] = {
+    "sft": sft_objective,
+    "alro": alro_objective,
+    "dmpo": dmpo_objective,
+}
 
 
 def encode_examples(
@@ -70,39 +186,350 @@ def encode_examples(
     number dropped for being longer than `max_length`."""
     examples, dropped = [], 0
     for p in prompts:
-        prefix, suffix, answer = render(p, tokenizer)
-        prompt_ids = tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) + len(answer_ids) > max_length:
+        encoded = _encode(p, tokenizer, max_length)
+        if encoded is None:
             dropped += 1
             continue
-        examples.append(
-            Example(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, p.task)
-        )
+        examples.append(Example(encoded[0] + encoded[1], _labels(*encoded), p.task))
+    _warn_dropped(dropped, len(prompts), max_length)
+    return examples, dropped
+
+
+def _encode(prompt: Prompt, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, answer ids), or None when together longer than `max_length`."""
+    prefix, suffix, answer = render(prompt, tokenizer)
+    prompt_ids = list(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if len(prompt_ids) + len(answer_ids) > max_length:
+        return None
+    return prompt_ids, answer_ids
+
+
+def _labels(prompt_ids: list[int], answer_ids: list[int]) -> list[int]:
+    return [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def _warn_dropped(dropped: int, total: int, max_length: int) -> None:
     if dropped:
         log.warning(
             "%d of %d prompts are longer than %d tokens and were left out "
             "(raise RECRANKER_TUNE__MAX_LENGTH or lower RECRANKER_PROMPTS__HISTORY_MAX)",
             dropped,
-            len(prompts),
+            total,
             max_length,
         )
+
+
+def _identifier_ids(tokenizer: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids of the first n identifiers at the answer's first slot (right after the generation
+    prompt) and at later slots (after ", "): a byte-level BPE tokenizer reads "A" and " A" as
+    different tokens."""
+    from recranker_core.ranker.backbone import answer_token_ids
+
+    first = tuple(verbalizer_ids(tokenizer, n)["identifiers"])
+    later = answer_token_ids(tokenizer, IDENTIFIERS[:n], ", ")
+    return first, tuple(later[c] for c in IDENTIFIERS[:n])
+
+
+def _slotted(
+    prompt: Prompt,
+    tokenizer: Any,
+    max_length: int,
+    identifiers: tuple[tuple[int, ...], tuple[int, ...]],
+    *,
+    labelled: bool,
+) -> Example | None:
+    """A labelled listwise prompt with its answer slots and gains (labels IGNORE unless
+    `labelled`: a twin adds no language-model loss); None when it is too long."""
+    encoded = _encode(prompt, tokenizer, max_length)
+    if encoded is None:
+        return None
+    prompt_ids, answer_ids = encoded
+    first, later = identifiers
+    ratings = prompt.label.get("ratings")
+    if ratings is None or len(ratings) != len(prompt.items):
+        raise DataError(
+            f"the listwise prompt of user {prompt.user} has no ratings of its candidates in its "
+            "label; rebuild the instruction dataset with this code (build_training_prompts)"
+        )
+    positions: list[int] = []
+    at = -1
+    for slot, name in enumerate(prompt.label["identifiers"]):
+        want = (first if slot == 0 else later)[IDENTIFIERS.index(name)]
+        # Slot 1 is the answer's first token; each later one follows ", " (one or two tokens).
+        window = [0] if slot == 0 else [at + 2, at + 3]
+        found = [j for j in window if j < len(answer_ids) and answer_ids[j] == want]
+        if not found:
+            raise ConfigError(
+                f"the answer {prompt.answer!r} does not tokenize as one identifier token per slot "
+                f"({tokenizer.convert_ids_to_tokens(answer_ids)}); ALRO reads each slot's "
+                "identifier as one token: use a backbone whose tokenizer keeps them whole"
+            )
+        at = found[0]
+        positions.append(len(prompt_ids) + at - 1)
+    return Example(
+        prompt_ids + answer_ids,
+        _labels(prompt_ids, answer_ids)
+        if labelled
+        else [IGNORE] * (len(prompt_ids) + len(answer_ids)),
+        prompt.task,
+        slot_positions=tuple(positions),
+        slot_token_ids=(first,) + (later,) * (len(positions) - 1),
+        gains=tuple(2.0 ** float(r) - 1.0 for r in ratings),
+    )
+
+
+def encode_for(
+    prompts: Sequence[Prompt], tokenizer: Any, settings: TuneSettings, catalog: Catalog
+) -> tuple[list[Example], int]:
+    """The examples `settings.objective` trains on, and how many prompts were left out:
+    SFT `encode_examples`; ALRO `encode_alro_examples`; DMPO `encode_dmpo_examples`."""
+    if settings.objective == "sft":
+        return encode_examples(prompts, tokenizer, settings.max_length)
+    if settings.objective == "alro":
+        return encode_alro_examples(
+            prompts,
+            tokenizer,
+            settings.max_length,
+            catalog,
+            twins=settings.alro_psl_weight > 0,
+            seed=settings.seed,
+        )
+    if settings.objective == "dmpo":
+        return encode_dmpo_examples(
+            prompts,
+            tokenizer,
+            settings.max_length,
+            negatives=settings.dmpo_negatives,
+            source=settings.dmpo_negative_source,
+            seed=settings.seed,
+        )
+    raise ConfigError(
+        f"RECRANKER_TUNE__OBJECTIVE={settings.objective!r}: use one of {', '.join(OBJECTIVES)}"
+    )
+
+
+def encode_alro_examples(
+    prompts: Sequence[Prompt],
+    tokenizer: Any,
+    max_length: int,
+    catalog: Catalog,
+    *,
+    twins: bool,
+    seed: int,
+) -> tuple[list[Example], int]:
+    """Every prompt as for SFT; a labelled listwise prompt also carries its answer slots (where
+    each identifier of the answer is read, and the shown identifiers' ids there), the graded
+    gains of its candidates and, with `twins`, a twin: the same prompt with its candidates in a
+    seeded random other order. Returns the examples and how many were left out for length."""
+    examples: list[Example] = []
+    dropped = 0
+    identifiers: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for row, p in enumerate(prompts):
+        if p.task != "listwise" or not p.label.get("order"):
+            encoded = _encode(p, tokenizer, max_length)
+            if encoded is None:
+                dropped += 1
+            else:
+                examples.append(Example(encoded[0] + encoded[1], _labels(*encoded), p.task))
+            continue
+        n = len(p.items)
+        if n not in identifiers:
+            identifiers[n] = _identifier_ids(tokenizer, n)
+        example = _slotted(p, tokenizer, max_length, identifiers[n], labelled=True)
+        twin = None
+        permutation: tuple[int, ...] = ()
+        if example is not None and twins and n > 1:
+            rng = np.random.default_rng([seed, row])
+            perm = rng.permutation(n)
+            while bool((perm == np.arange(n)).all()):
+                perm = rng.permutation(n)
+            permutation = tuple(int(j) for j in perm)
+            twin_prompt = reorder_listwise(p, catalog, permutation)
+            twin = _slotted(twin_prompt, tokenizer, max_length, identifiers[n], labelled=False)
+            if twin is None:
+                example = None
+        if example is None:
+            dropped += 1
+            continue
+        examples.append(replace(example, twin=twin, permutation=permutation))
+    _warn_dropped(dropped, len(prompts), max_length)
     return examples, dropped
 
 
+def encode_dmpo_examples(
+    prompts: Sequence[Prompt],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    negatives: int,
+    source: str,
+    seed: int,
+) -> tuple[list[Example], int]:
+    """DMPO's examples from the labelled listwise prompts (the others are not used): the prompt
+    up to the answer position, the identifier of the label's first item as the positive and k
+    shown candidates as negatives (`_negatives`). Returns the examples and how many listwise
+    prompts were left out (too long, or fewer than k candidates to draw negatives from)."""
+    if negatives < 1:
+        raise ConfigError(f"RECRANKER_TUNE__DMPO_NEGATIVES must be 1 or more, not {negatives}")
+    if source not in NEGATIVE_SOURCES:
+        raise ConfigError(
+            f"RECRANKER_TUNE__DMPO_NEGATIVE_SOURCE={source!r}: use one of "
+            f"{', '.join(NEGATIVE_SOURCES)}"
+        )
+    examples: list[Example] = []
+    too_long = too_few = listwise = 0
+    identifiers: dict[int, tuple[int, ...]] = {}
+    for row, p in enumerate(prompts):
+        if p.task != "listwise" or not p.label.get("order"):
+            continue
+        listwise += 1
+        prefix, suffix, _ = render(p, tokenizer)
+        prompt_ids = list(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
+        if len(prompt_ids) > max_length:
+            too_long += 1
+            continue
+        positive = p.items.index(int(p.label["order"][0]))
+        rng = np.random.default_rng([seed, row])
+        chosen = _negatives(p, positive, negatives, source, rng)
+        if chosen is None:
+            too_few += 1
+            continue
+        n = len(p.items)
+        if n not in identifiers:
+            identifiers[n] = tuple(verbalizer_ids(tokenizer, n)["identifiers"])
+        ids = identifiers[n]
+        examples.append(
+            Example(
+                prompt_ids,
+                [IGNORE] * len(prompt_ids),
+                p.task,
+                answer_ids=(ids[positive], *(ids[j] for j in chosen)),
+            )
+        )
+    _warn_dropped(too_long, listwise, max_length)
+    if too_few:
+        log.warning(
+            "%d of %d listwise prompts have fewer than %d %s candidates to use as DMPO negatives "
+            "and were left out (lower RECRANKER_TUNE__DMPO_NEGATIVES or choose another "
+            "RECRANKER_TUNE__DMPO_NEGATIVE_SOURCE)",
+            too_few,
+            listwise,
+            negatives,
+            source,
+        )
+    log.info("DMPO: %d examples from %d listwise prompts", len(examples), listwise)
+    return examples, too_long + too_few
+
+
+NEGATIVE_SOURCES = ("unseen", "low_rated", "hard")
+
+
+def _negatives(
+    prompt: Prompt, positive: int, k: int, source: str, rng: np.random.Generator
+) -> list[int] | None:
+    """Positions of k negatives among the shown candidates, or None when there are fewer.
+
+    Only candidates worse than the positive qualify: unrated ones (never interacted with) and
+    those rated below it. A held-out like rated as high as the positive is not a negative: the
+    label orders equal ratings at random, so preferring one over the other teaches nothing.
+    - unseen: k unrated candidates at random;
+    - low_rated: the rated ones lowest first (equal ratings at random), then unrated at random;
+    - hard: the base model's highest-ranked (the hint's order) among all that qualify."""
+    ratings = prompt.label.get("ratings")
+    if ratings is None or len(ratings) != len(prompt.items):
+        raise DataError(
+            f"the listwise prompt of user {prompt.user} has no ratings of its candidates in its "
+            "label; rebuild the instruction dataset with this code (build_training_prompts)"
+        )
+    top = float(ratings[positive])
+    unrated = [j for j, r in enumerate(ratings) if r <= 0]
+    lower = [j for j, r in enumerate(ratings) if 0 < r < top and j != positive]
+    if len(unrated) + (0 if source == "unseen" else len(lower)) < k:
+        return None
+    if source == "unseen":
+        return [unrated[j] for j in rng.choice(len(unrated), k, replace=False)]
+    if source == "low_rated":
+        ties = rng.random(len(ratings))
+        ranked = sorted(lower, key=lambda j: (ratings[j], ties[j]))
+        return (ranked + [unrated[j] for j in rng.permutation(len(unrated))])[:k]
+    where = {item: r for r, item in enumerate(prompt.hint["order"])}
+    eligible = set(lower) | set(unrated)
+    return sorted(eligible, key=lambda j: where[prompt.items[j]])[:k]
+
+
 def collate(examples: Sequence[Example], pad_id: int, device: Any) -> Batch:
+    """Right-padded tensors of `examples`, their ALRO twins appended as extra rows, with the ALRO
+    slots and the DMPO answers of the rows that have them."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, e in enumerate(examples):
+    rows = [*examples, *(e.twin for e in examples if e.twin is not None)]
+    width = max(len(e.input_ids) for e in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, e in enumerate(rows):
         n = len(e.input_ids)
         ids[r, :n] = torch.tensor(e.input_ids)
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
-    return Batch(ids.to(device), mask.to(device), labels.to(device), [e.task for e in examples])
+    answer_ids = ref_logps = None
+    if any(e.answer_ids for e in examples):
+        if len({len(e.answer_ids) for e in examples}) != 1:
+            raise DataError(
+                "DMPO rows of one batch must each have the positive and the same number of "
+                "negatives; encode them with one setting of RECRANKER_TUNE__DMPO_NEGATIVES"
+            )
+        answer_ids = torch.tensor([e.answer_ids for e in examples], dtype=torch.long).to(device)
+        if all(e.ref_logps for e in examples):
+            ref_logps = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32)
+            ref_logps = ref_logps.to(device)
+    return Batch(
+        ids.to(device),
+        mask.to(device),
+        labels.to(device),
+        [e.task for e in rows],
+        _slot_batch(examples, device),
+        answer_ids,
+        ref_logps,
+    )
+
+
+def _slot_batch(examples: Sequence[Example], device: Any) -> SlotBatch | None:
+    import torch
+
+    listed = [r for r, e in enumerate(examples) if e.slot_positions]
+    if not listed:
+        return None
+    shapes = {(len(examples[r].slot_positions), len(examples[r].gains)) for r in listed}
+    with_twin = {examples[r].twin is not None for r in listed}
+    if len(shapes) > 1 or len(with_twin) > 1:
+        raise DataError(
+            f"the listwise rows of one batch differ in (answer slots, candidates) {sorted(shapes)} "
+            "or in having a permuted twin; ALRO needs equal lists (PromptSettings.listwise_top "
+            "of listwise_candidates)"
+        )
+    twin_row: dict[int, int] = {}
+    for r, e in enumerate(examples):
+        if e.twin is not None:
+            twin_row[r] = len(examples) + len(twin_row)
+    members = [examples[r] for r in listed]
+    rows = list(listed)
+    if twin_row:
+        twins = [e.twin for e in members if e.twin is not None]
+        if any(len(t.slot_positions) != len(members[0].slot_positions) for t in twins):
+            raise DataError("an ALRO twin must have as many answer slots as its original")
+        members += twins
+        rows += [twin_row[r] for r in listed]
+    n = len(examples[listed[0]].gains)
+    perms = [examples[r].permutation for r in listed] if twin_row else []
+    return SlotBatch(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        positions=torch.tensor([e.slot_positions for e in members], dtype=torch.long).to(device),
+        token_ids=torch.tensor([e.slot_token_ids for e in members], dtype=torch.long).to(device),
+        gains=torch.tensor([examples[r].gains for r in listed], dtype=torch.float32).to(device),
+        permutations=torch.tensor(perms, dtype=torch.long).reshape(len(perms), n).to(device),
+    )
 
 
 @dataclass
@@ -155,18 +582,29 @@ def tune(
     loss_fn: LossFn = sft_loss,
     max_steps: int | None = None,
     progress: bool = True,
+    init_adapter: Path | None = None,
 ) -> TuneResult:
     """Tune LoRA weights on `examples`; returns where the best adapter (by validation NDCG@10)
     was saved. `work_dir` holds `checkpoint/` (resumed from when its fingerprint matches: same
-    data, settings and backbone) and `best/`."""
+    data, settings, backbone, loss and starting adapter) and `best/`.
+
+    `init_adapter` (a peft adapter directory, e.g. the SFT adapter DMPO starts from) is loaded
+    trainable instead of fresh LoRA weights; its own LoRA configuration then applies. DMPO
+    examples without reference log-probabilities get them from the starting model (that adapter,
+    else the bare backbone) before the first step: the frozen reference is where tuning starts.
+    """
     import torch
     from tqdm.auto import tqdm
 
     if not examples:
         raise DataError("no training examples: the sampled users gave no prompts")
     torch.manual_seed(settings.seed)
-    peft_model = apply_lora(model, settings)
+    fingerprint = _fingerprint(examples, settings, model, loss_fn, init_adapter)
+    peft_model = start_adapter(model, settings, init_adapter)
     device = next(peft_model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if any(e.answer_ids and not e.ref_logps for e in examples):
+        examples = reference_logps(peft_model, examples, pad_id, settings.batch_size)
     if device.type == "cuda":
         # Activations dominate memory on a GPU; recomputing them costs ~30% more time.
         peft_model.gradient_checkpointing_enable()
@@ -182,12 +620,10 @@ def tune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps))
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / "checkpoint" / "state.pt"
     best_dir = work_dir / "best"
-    fingerprint = _fingerprint(examples, settings, model, loss_fn)
     state: dict[str, Any] = {
         "step": 0,
         "micro": 0,  # micro-batches consumed in total
@@ -284,7 +720,49 @@ def tune(
         train_tokens=state["tokens"],
         resumed_from=resumed_from,
         stopped_early=stopped,
+        extra={"init_adapter": str(init_adapter)} if init_adapter is not None else {},
     )
+
+
+def start_adapter(model: Any, settings: TuneSettings, init_adapter: Path | None) -> Any:
+    """The trainable peft model a run starts from: `init_adapter` loaded trainable, or fresh
+    LoRA weights (`apply_lora`)."""
+    if init_adapter is None:
+        return apply_lora(model, settings)
+    from peft import PeftModel
+
+    if not (init_adapter / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{init_adapter} is not a peft adapter directory (no adapter_config.json); point "
+            "it at a tuned adapter, e.g. the SFT adapter from `recranker tune --objective sft`"
+        )
+    return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+
+
+def reference_logps(
+    model: Any, examples: Sequence[Example], pad_id: int, batch_size: int
+) -> list[Example]:
+    """`examples` with the log-probabilities of their DMPO answers under `model` as it is now,
+    read without gradients and in eval mode (no dropout): the frozen reference of DMPO."""
+    import torch
+
+    need = [r for r, e in enumerate(examples) if e.answer_ids and not e.ref_logps]
+    out = list(examples)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(need), batch_size):
+            rows = need[start : start + batch_size]
+            batch = collate([examples[r] for r in rows], pad_id, device)
+            logps = single_token_answer_logps(
+                model, batch.input_ids, batch.attention_mask, batch.answer_ids
+            )
+            for r, values in zip(rows, logps.tolist(), strict=True):
+                out[r] = replace(examples[r], ref_logps=tuple(float(v) for v in values))
+    model.train(was_training)
+    log.info("reference log-probabilities of %d DMPO examples read", len(need))
+    return out
 
 
 def _save_adapter(peft_model: Any, directory: Path) -> None:
@@ -323,13 +801,37 @@ def _save_checkpoint(
 
 
 def _fingerprint(
-    examples: Sequence[Example], settings: TuneSettings, model: Any, loss_fn: LossFn
+    examples: Sequence[Example],
+    settings: TuneSettings,
+    model: Any,
+    loss_fn: LossFn,
+    init_adapter: Path | None = None,
 ) -> str:
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-        digest.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+        _digest_example(digest, e)
+        if e.twin is not None:
+            _digest_example(digest, e.twin)
     digest.update(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode())
     digest.update(str(getattr(model.config, "_name_or_path", "")).encode())
     digest.update(getattr(loss_fn, "__name__", repr(loss_fn)).encode())
+    if init_adapter is not None:
+        digest.update(_adapter_hash(init_adapter).encode())
+    return digest.hexdigest()
+
+
+def _digest_example(digest: Any, e: Example) -> None:
+    digest.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+    digest.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+    optional = (e.slot_positions, e.slot_token_ids, e.gains, e.permutation, e.answer_ids)
+    if any(optional) or e.ref_logps:
+        digest.update(json.dumps([*optional, e.ref_logps]).encode())
+
+
+def _adapter_hash(directory: Path) -> str:
+    """sha256 over the files that make an adapter (its config and weights)."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("adapter_*")):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from recranker_core import registry
 from recranker_core.base.split import SplitData
 from recranker_core.config import Settings
-from recranker_core.errors import ArtifactIntegrityError, DataError
+from recranker_core.errors import ArtifactIntegrityError, ConfigError, DataError
 from recranker_core.metrics import DEFAULT_KS, rank_metrics
 from recranker_core.ranker.prompts import (
     TEMPLATE_VERSION,
@@ -48,7 +48,6 @@ CPU_DEMO = {
 def effective_settings(settings: Settings) -> tuple[Settings, str]:
     """The settings a run uses: as given (`full`), or with the CPU demo profile's small sample
     and budget laid over them. Returns them with a line saying which."""
-    from recranker_core.errors import ConfigError
     from recranker_core.ranker.tune import OBJECTIVES
 
     if settings.tune.objective not in OBJECTIVES:
@@ -324,6 +323,33 @@ def publish_adapter(
     else:
         registry.reject_adapter(database_url, adapter_id, decision.reason)
     return AdapterOutcome(adapter_id, decision.promote, decision.reason, stored.uri, stored.prefix)
+
+
+# The registry keeps every adapter; a DMPO run looks this far back for its SFT adapter.
+_ADAPTER_LOOKBACK = 10_000
+
+
+def sft_start_adapter(database_url: str) -> registry.AdapterRecord:
+    """The SFT adapter a DMPO run starts from and keeps frozen as its reference: the champion
+    adapter when it is an SFT adapter, else the SFT adapter that was champion most recently
+    (an ALRO or DMPO adapter may be champion now), for this code's prompt template."""
+    sft = [
+        a
+        for a in registry.list_adapters(database_url, limit=_ADAPTER_LOOKBACK)
+        if a.objective == "sft"
+        and a.promoted_at is not None
+        and a.template_version == TEMPLATE_VERSION
+    ]
+    if not sft:
+        raise ConfigError(
+            "objective dmpo starts from a champion SFT adapter (its policy and frozen "
+            f"reference), and no SFT adapter for prompt template {TEMPLATE_VERSION} has been "
+            "champion: run `recranker tune --objective sft` first"
+        )
+    champion = [a for a in sft if a.status == "champion"]
+    if champion:
+        return champion[0]
+    return max(sft, key=lambda a: (a.promoted_at, a.adapter_id))
 
 
 def fetch_adapter(
