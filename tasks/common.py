@@ -41,3 +41,11 @@ def resolve_database(settings: Settings) -> str:
     require_current(url)
     get_run_logger().info("database %s", redact_url(url))
     return url
+
+
+def store_for(settings: Settings) -> Any:
+    """The S3 artifact store of the settings (the local SeaweedFS when none is configured)."""
+    from recranker_core.stack import s3_config
+    from recranker_core.store import S3ArtifactStore
+
+    return S3ArtifactStore(s3_config(settings))

@@ -13,14 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.base.candidates import ChampionScorer
 from recranker_core.config import Settings
 from recranker_core.ranker.batch import Ranker
-from tasks.common import retry_transient
-
-
-def store_for(settings: Settings) -> Any:
-    from recranker_core.stack import s3_config
-    from recranker_core.store import S3ArtifactStore
-
-    return S3ArtifactStore(s3_config(settings))
+from tasks.common import retry_transient, store_for
 
 
 @task(

@@ -12,14 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.config import Settings
 from recranker_core.ranker.tuning import BaseContext
 from recranker_core.registry import AdapterRecord
-from tasks.common import retry_transient
-
-
-def _store(settings: Settings) -> Any:
-    from recranker_core.stack import s3_config
-    from recranker_core.store import S3ArtifactStore
-
-    return S3ArtifactStore(s3_config(settings))
+from tasks.common import retry_transient, store_for
 
 
 @task(
@@ -35,7 +28,7 @@ def load_base_task(database_url: str, settings: Settings) -> BaseContext:
 
     ctx = load_base_context(
         database_url,
-        _store(settings),
+        store_for(settings),
         settings.home / "cache" / "artifacts",
         settings.retrain.like_threshold,
     )
@@ -82,7 +75,7 @@ def build_dataset_task(
             "sampling": sample.counts,
             "prompts": counts,
         },
-        _store(settings),
+        store_for(settings),
         f"datasets/{stamp}-{TEMPLATE_VERSION}",
     )
     get_run_logger().info("%d prompts %s -> %s", len(prompts), counts, stored.uri)
@@ -142,7 +135,10 @@ def tune_adapter_task(
     init_adapter = None
     if start is not None:
         init_adapter = fetch_adapter(
-            start, _store(settings), settings.home / "cache" / "artifacts", backbone.backbone_hash
+            start,
+            store_for(settings),
+            settings.home / "cache" / "artifacts",
+            backbone.backbone_hash,
         )
     examples, dropped = encode_for(prompts, backbone.tokenizer, settings.tune, catalog)
     valid = validation_set(ctx, catalog, BaseHints(ctx), settings)
@@ -202,7 +198,7 @@ def tune_adapter_task(
             },
         },
         metrics,
-        _store(settings),
+        store_for(settings),
         database_url,
         settings.tune.promotion_tolerance,
     )
