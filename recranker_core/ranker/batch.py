@@ -20,7 +20,7 @@ from recranker_core import registry
 from recranker_core.base.candidates import ChampionScorer, champion_candidates
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
-from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, order_for_mode, utilities
+from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, rerank, utilities
 from recranker_core.ranker.prompts import Catalog, build_inference_prompts
 from recranker_core.ranker.publish import RecommendationRow
 
@@ -293,7 +293,7 @@ def rank_shard(
                 util = utilities(
                     s.pointwise, s.pairwise, s.listwise, Weights.for_mode(rank.mode, weights)
                 )
-                order = order_for_mode(rank.mode, s.pointwise, s.pairwise, s.listwise, weights)
+                order = rerank(util)  # what order_for_mode does for a non-base mode
                 reranked[to_score[s.user].user_id] = (order, util)
                 result.prompt_tokens += s.prompt_tokens
     result.seconds["llm"] = time.perf_counter() - t1

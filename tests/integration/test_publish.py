@@ -477,8 +477,10 @@ def test_reader_role_can_select_the_view_and_nothing_else(
 
 def run_example(reader_url: str, name: str, **variables: str) -> list[list[str]]:
     psql = shutil.which("psql") or "/usr/bin/psql"
-    if not shutil.which(psql):
-        pytest.skip("the psql client is not installed (apt-get install postgresql-client)")
+    # The consumer examples must run through the real client: a missing psql is a failure.
+    assert shutil.which(psql), (
+        "the psql client is not installed (apt-get install postgresql-client)"
+    )
     with resources.as_file(resources.files("sql") / "examples" / name) as path:
         args = [psql, "-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1"]
         for key, value in variables.items():
