@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: install demo test test-slow test-all bench lint stack-up stack-down clean
+.PHONY: install demo test test-ui test-slow test-all bench lint stack-up stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: install
 ## test: unit + integration + e2e against real PostgreSQL, SeaweedFS and Prefect (< 15 min, 2 cores)
 test: install
 	$(BIN)/python -m pytest -m "not slow and not ui" tests
+
+## test-ui: the browser test: headless Debian Chromium (apt-get installs it when missing) driven by
+## Playwright through the Prefect UI of `recranker stack up --ui`
+test-ui: install
+	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for the browser test"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
+	$(BIN)/python -m pytest -m ui tests
 
 ## test-slow: the heavier suites (1,000,000-row file, killed subprocesses at scale)
 test-slow: install

@@ -69,12 +69,29 @@ def _print_status(statuses: list[Any], as_json: bool) -> None:
 
 @stack_app.command("up")
 def stack_up(
+    ui: Annotated[
+        bool,
+        typer.Option(
+            "--ui",
+            help="Also start a Prefect server (API and UI) on the same PostgreSQL, database "
+            "RECRANKER_SERVER__DATABASE, at RECRANKER_SERVER__HOST:PORT (127.0.0.1:4200).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Start the embedded PostgreSQL and SeaweedFS (those not configured by env); idempotent."""
     from recranker_core import stack
 
-    _print_status(stack.stack_up(_settings()), as_json)
+    settings = _settings()
+    _print_status(stack.stack_up(settings, ui=ui), as_json)
+    if ui and not as_json:
+        api = f"http://{settings.server.host}:{settings.server.port}/api"
+        typer.echo(
+            f"\nPrefect UI: http://{settings.server.host}:{settings.server.port}\n"
+            "recranker commands with this RECRANKER_HOME use it; elsewhere: "
+            f"export PREFECT_API_URL={api}\n"
+            "register the deployments: recranker deploy; run them: prefect worker start --pool cpu"
+        )
 
 
 @stack_app.command("down")
@@ -654,12 +671,14 @@ DEPLOY_FILE = Path(__file__).resolve().parent.parent / "infra" / "prefect.yaml"
 
 
 def load_deploy_file(path: Path) -> dict[str, Any]:
-    """infra/prefect.yaml with every `{{ $VAR }}` replaced by the environment's value, or by
-    `definitions.env_defaults` when the variable is unset."""
+    """infra/prefect.yaml with every `{{ $VAR }}` replaced: a `RECRANKER_*` variable by that
+    setting (environment or default, validated), any other by the environment's value or by
+    `definitions.env_defaults` when it is unset."""
     import re
 
     import yaml
 
+    from recranker_core.config import setting_value
     from recranker_core.errors import ConfigError
 
     if not path.is_file():
@@ -670,9 +689,14 @@ def load_deploy_file(path: Path) -> dict[str, Any]:
     defaults = (spec.get("definitions") or {}).get("env_defaults") or {}
     pattern = re.compile(r"{{\s*\$(\w+)\s*}}")
 
+    settings = _settings()
+
     def lookup(match: re.Match[str]) -> str:
         name = match.group(1)
-        value = os.environ.get(name) or defaults.get(name)
+        try:
+            value = setting_value(settings, name)
+        except KeyError:
+            value = os.environ.get(name) or defaults.get(name)
         if value is None:
             raise ConfigError(f"{path}: {name} is not set and has no entry in env_defaults")
         return str(value)
@@ -845,6 +869,23 @@ def serve(
     prefect_serve(*deployments, limit=limit)
 
 
+def _use_local_prefect_server() -> None:
+    """Point PREFECT_API_URL at the server `stack up --ui` runs under this RECRANKER_HOME when it
+    is unset, so flows show in that UI and `recranker deploy` finds it."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from recranker_core.config import load_settings
+    from recranker_core.stack import local_prefect_api
+
+    try:
+        api = local_prefect_api(load_settings())
+    except ValueError:  # an invalid setting: the command itself reports it
+        return
+    if api:
+        os.environ["PREFECT_API_URL"] = api
+        logging.getLogger("recranker").info("Prefect API: %s (stack up --ui)", api)
+
+
 def main() -> None:
     from recranker_core.errors import RecrankerError
 
@@ -859,6 +900,7 @@ def main() -> None:
     )
     for noisy in ("great_expectations", "botocore", "urllib3", "httpx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _use_local_prefect_server()
     try:
         app()
     except RecrankerError as exc:

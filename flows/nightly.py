@@ -3,7 +3,6 @@ stage a subflow run of its own, stopped at the first failed stage, summarised as
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -16,18 +15,13 @@ from flows.ingest import ingest_flow
 from flows.params import NightlyParams
 from flows.retrain_base import retrain_base_flow
 from recranker_core.config import load_settings
-from recranker_core.errors import RecrankerError
+from recranker_core.errors import StageFailed
 from tasks.common import resolve_database
 
 if TYPE_CHECKING:
     from prefect.states import State
 
-# Belongs in Settings (a `nightly` section with source, cron and timezone); read here until then.
 SOURCE_ENV = "RECRANKER_NIGHTLY__SOURCE"
-
-
-class StageFailed(RecrankerError):
-    """A stage of the nightly chain failed; the stages after it did not run."""
 
 
 @dataclass
@@ -51,7 +45,7 @@ def nightly_flow(params: NightlyParams = NightlyParams()) -> dict[str, Any]:
     logger = get_run_logger()
     stages: list[StageOutcome] = []
     try:
-        source = params.source or os.environ.get(SOURCE_ENV)
+        source = params.source or load_settings().nightly.source
         if not source:
             stages.append(StageOutcome("ingest", "failed", "no source configured"))
             raise StageFailed(

@@ -350,6 +350,65 @@ class RankSettings(BaseModel):
         return v
 
 
+def _check_cron(value: str) -> str:
+    fields = value.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"{value!r} is not a cron expression: five fields (minute hour day month weekday) "
+            "needed"
+        )
+    return value
+
+
+class NightlySettings(BaseModel):
+    """The nightly chain's schedule and where it finds new interaction files."""
+
+    source: str | None = Field(
+        None,
+        description="Interaction files the nightly run ingests (file, directory or "
+        "s3://bucket/prefix); files ingested before are skipped. The deployment's `source` "
+        "parameter overrides it.",
+    )
+    cron: str = Field(
+        "0 2 * * *", description="When the `nightly` deployment runs (cron, in `timezone`)."
+    )
+    tune_cron: str = Field(
+        "0 4 * * 0",
+        description="When the `tune-ranker` deployment runs on the `gpu` pool (cron, in "
+        "`timezone`).",
+    )
+    timezone: str = Field("UTC", description="IANA time zone of both schedules.")
+
+    @field_validator("cron", "tune_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return _check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. UTC, Europe/Paris)") from None
+        return v
+
+
+class ServerSettings(BaseModel):
+    """The Prefect server (API and UI) that `recranker stack up --ui` starts."""
+
+    host: str = Field("127.0.0.1", description="Address the Prefect server listens on.")
+    port: int = Field(4200, ge=1, le=65535, description="Port of the Prefect API and UI.")
+    database: str = Field(
+        "prefect",
+        pattern=r"^[a-z_][a-z0-9_]*$",
+        description="Database of the Prefect server on recranker's PostgreSQL server (created "
+        "when missing).",
+    )
+
+
 class Settings(BaseSettings):
     """Everything recranker can be told. Defaults run the embedded local stack."""
 
@@ -385,6 +444,8 @@ class Settings(BaseSettings):
     backbone: BackboneSettings = Field(default_factory=lambda: BackboneSettings())
     tune: TuneSettings = Field(default_factory=lambda: TuneSettings())
     rank: RankSettings = Field(default_factory=lambda: RankSettings())
+    nightly: NightlySettings = Field(default_factory=lambda: NightlySettings())
+    server: ServerSettings = Field(default_factory=lambda: ServerSettings())
 
     @field_validator("home")
     @classmethod
@@ -404,6 +465,22 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment, with keyword overrides taking precedence."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def setting_value(settings: Settings, variable: str) -> object:
+    """The value of the setting an environment variable names (``RECRANKER_NIGHTLY__CRON`` ->
+    ``settings.nightly.cron``); KeyError when the variable is not a recranker setting."""
+    prefix = "RECRANKER_"
+    if not variable.startswith(prefix):
+        raise KeyError(variable)
+    node: object = settings
+    for part in variable[len(prefix) :].lower().split("__"):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise KeyError(variable)
+        node = getattr(node, part)
+    if isinstance(node, BaseModel):
+        raise KeyError(variable)
+    return node
 
 
 def settings_table() -> str:

@@ -33,3 +33,16 @@ class ArtifactExistsError(RecrankerError):
 
 class ArtifactNotFoundError(RecrankerError):
     """Nothing at all is stored under a prefix."""
+
+
+class StageFailed(RecrankerError):
+    """A stage of the nightly chain failed; the stages after it did not run."""
+
+
+class RunStateError(RecrankerError):
+    """A ranking run is not in the state the operation needs (publish an incomplete run, resume
+    a failed or dropped one, write a shard it does not have)."""
+
+
+class BatchRankBusyError(RecrankerError):
+    """Another batch ranking holds this database's lock; at most one runs per environment."""

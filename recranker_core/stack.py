@@ -57,6 +57,9 @@ WEED_GRPC_OFFSET = 10000
 PORT_LOW = 15000
 PORT_HIGH = 32768
 S3_READY_TIMEOUT_S = 60.0
+# The first start of a Prefect server migrates its database and builds the UI (about a minute on
+# 2 cores).
+PREFECT_READY_TIMEOUT_S = 180.0
 PG_START_TIMEOUT_S = 60
 STOP_GRACE_S = 30.0
 LOG_TAIL_LINES = 25
@@ -115,11 +118,14 @@ class S3Config:
 # public API
 
 
-def stack_up(settings: Settings, *, postgres: bool = True, s3: bool = True) -> list[ServiceStatus]:
-    """Start the embedded services that are not configured externally; idempotent."""
+def stack_up(
+    settings: Settings, *, postgres: bool = True, s3: bool = True, ui: bool = False
+) -> list[ServiceStatus]:
+    """Start the embedded services that are not configured externally, and with ``ui`` a Prefect
+    server (API + UI) on the same PostgreSQL; idempotent."""
     statuses: list[ServiceStatus] = []
     with _locked(settings.home):
-        if postgres:
+        if postgres or ui:
             statuses.append(
                 _pg_external(settings) if settings.database_url else _pg_start(_PgLayout(settings))
             )
@@ -127,22 +133,46 @@ def stack_up(settings: Settings, *, postgres: bool = True, s3: bool = True) -> l
             statuses.append(
                 _s3_external(settings) if settings.s3_endpoint else _s3_start(_S3Layout(settings))
             )
+    if ui:
+        # Outside the lock: database_url() takes it again to start PostgreSQL on demand.
+        admin = database_url(settings)
+        with _locked(settings.home):
+            statuses.append(_prefect_start(_PrefectLayout(settings), admin))
     return statuses
 
 
 def stack_down(settings: Settings) -> list[ServiceStatus]:
-    """Stop the embedded services we started; external ones and foreign processes are untouched."""
+    """Stop the embedded services we started; external ones and foreign processes are untouched.
+    The Prefect server (when `stack up --ui` ever ran here) stops first: it uses PostgreSQL."""
+    statuses: list[ServiceStatus] = []
     with _locked(settings.home):
-        pg = _pg_external(settings) if settings.database_url else _pg_stop(_PgLayout(settings))
-        s3 = _s3_external(settings) if settings.s3_endpoint else _s3_stop(_S3Layout(settings))
-    return [pg, s3]
+        prefect = _PrefectLayout(settings)
+        ui = _prefect_stop(prefect) if prefect.dir.exists() else None
+        statuses.append(
+            _pg_external(settings) if settings.database_url else _pg_stop(_PgLayout(settings))
+        )
+        statuses.append(
+            _s3_external(settings) if settings.s3_endpoint else _s3_stop(_S3Layout(settings))
+        )
+    return statuses + ([ui] if ui else [])
 
 
 def stack_status(settings: Settings) -> list[ServiceStatus]:
-    """Report both services without changing anything."""
+    """Report every service without changing anything (the Prefect server only where `stack up
+    --ui` ever ran)."""
     pg = _pg_external(settings) if settings.database_url else _pg_status(_PgLayout(settings))
     s3 = _s3_external(settings) if settings.s3_endpoint else _s3_status(_S3Layout(settings))
-    return [pg, s3]
+    prefect = _PrefectLayout(settings)
+    return [pg, s3] + ([_prefect_status(prefect)] if prefect.dir.exists() else [])
+
+
+def local_prefect_api(settings: Settings) -> str | None:
+    """The API URL of the Prefect server `stack up --ui` started under this home, when it runs."""
+    layout = _PrefectLayout(settings)
+    if not layout.dir.exists():
+        return None
+    proc, _ = _prefect_find(layout)
+    return layout.api_url if proc is not None else None
 
 
 def database_url(settings: Settings, *, start: bool = True) -> str:
@@ -1022,6 +1052,205 @@ def _stop_service(
         pid_file.unlink(missing_ok=True)
     log.info("%s stopped (was pid %s)", label, pid)
     return ServiceStatus(service, "stopped", None, "", f"stopped (was pid {pid})")
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect server (API + UI)
+
+
+class _PrefectLayout:
+    def __init__(self, settings: Settings) -> None:
+        self.dir = settings.home / "prefect-server"
+        self.prefect_home = settings.home / "prefect"
+        self.pid_file = self.dir / "server.pid"
+        self.log = self.dir / "server.log"
+        self.host = settings.server.host
+        self.port = settings.server.port
+        self.database = settings.server.database
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _prefect_command(layout: _PrefectLayout) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start"] + [
+        "--host",
+        layout.host,
+        "--port",
+        str(layout.port),
+    ]
+
+
+def _prefect_find(layout: _PrefectLayout) -> tuple[psutil.Process | None, str | None]:
+    """Our server from its pid file: the same interpreter running `prefect server start` with our
+    PREFECT_HOME in its environment (a recycled pid never passes)."""
+    import psutil
+
+    try:
+        pid = int(layout.pid_file.read_text().strip())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError):
+        return None, "unreadable pid"
+    proc = _live_process(pid, program=Path(sys.executable).name, marker="server")
+    try:
+        home = proc.environ().get("PREFECT_HOME") if proc is not None else None
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        home = None
+    if proc is None or home != str(layout.prefect_home):
+        return None, _stale_note(pid)
+    return proc, None
+
+
+def _prefect_running_status(
+    layout: _PrefectLayout, proc: psutil.Process, lead: str
+) -> ServiceStatus:
+    return ServiceStatus(
+        name="prefect",
+        state="running",
+        pid=proc.pid,
+        address=layout.ui_url,
+        detail=f"{lead} (pid {proc.pid}): UI {layout.ui_url}, API {layout.api_url}, database "
+        f"{layout.database!r}",
+    )
+
+
+def _prefect_status(layout: _PrefectLayout) -> ServiceStatus:
+    proc, stale = _prefect_find(layout)
+    if proc is not None:
+        return _prefect_running_status(layout, proc, "running")
+    detail = "not running" + (f"; stale pid file {layout.pid_file} ({stale})" if stale else "")
+    return ServiceStatus("prefect", "stopped", None, "", detail)
+
+
+def _prefect_database(admin_url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``admin_url`` when missing; its asyncpg URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+    from psycopg import sql
+
+    from recranker_core.db.connect import libpq_url
+
+    url = libpq_url(admin_url)
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
+            if exists is None:
+                log.info("creating database %s for the Prefect server", name)
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise StackError(
+            f"the Prefect server's database {name!r} cannot be created on {redact_url(url)} "
+            f"({type(exc).__name__}: {str(exc).strip()}); create it, or set "
+            "RECRANKER_SERVER__DATABASE to one the user may use"
+        ) from None
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql+asyncpg", parts.netloc, f"/{name}", "", ""))
+
+
+def _prefect_healthy(layout: _PrefectLayout) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{layout.api_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _prefect_start(layout: _PrefectLayout, admin_url: str) -> ServiceStatus:
+    proc, stale = _prefect_find(layout)
+    if proc is not None:
+        return _prefect_running_status(layout, proc, "already running")
+    notes: list[str] = []
+    layout.dir.mkdir(parents=True, exist_ok=True)
+    if stale:
+        layout.pid_file.unlink(missing_ok=True)
+        notes.append(f"stale pid file removed ({stale})")
+    if not _port_free(layout.port):
+        raise StackError(
+            f"port {layout.port} on {layout.host} is taken by another program; stop it or set "
+            "RECRANKER_SERVER__PORT"
+        )
+    db_url = _prefect_database(admin_url, layout.database)
+    password = _url_password(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(layout.prefect_home),
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=db_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="true",
+        # The UI's pages call this API URL; left unset they call 127.0.0.1:4200 whatever the port.
+        PREFECT_SERVER_API_HOST=layout.host,
+        PREFECT_SERVER_API_PORT=str(layout.port),
+        PREFECT_UI_API_URL=layout.api_url,
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+    layout.prefect_home.mkdir(parents=True, exist_ok=True)
+    log.info("starting the Prefect server on %s (database %s)", layout.ui_url, layout.database)
+    with open(layout.log, "wb") as log_file:
+        child = subprocess.Popen(
+            _prefect_command(layout),
+            cwd=layout.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _CHILDREN[child.pid] = child
+    layout.pid_file.write_text(f"{child.pid}\n")
+    deadline = time.monotonic() + PREFECT_READY_TIMEOUT_S
+    while not _prefect_healthy(layout):
+        if child.poll() is not None:
+            _CHILDREN.pop(child.pid, None)
+            layout.pid_file.unlink(missing_ok=True)
+            raise StackError(
+                f"the Prefect server exited with status {child.returncode} while starting; "
+                + _log_tail(layout.log, hide=(password,))
+            )
+        if time.monotonic() > deadline:
+            _prefect_stop(layout)
+            raise StackError(
+                f"the Prefect server did not answer {layout.api_url}/health within "
+                f"{PREFECT_READY_TIMEOUT_S:.0f} s; " + _log_tail(layout.log, hide=(password,))
+            )
+        time.sleep(0.5)
+    import psutil
+
+    status = _prefect_running_status(layout, psutil.Process(child.pid), "started")
+    log.info("Prefect server %s", status.detail)
+    return _with_notes(status, notes) if notes else status
+
+
+def _prefect_stop(layout: _PrefectLayout) -> ServiceStatus:
+    # The server runs in a session of its own; SIGTERM stops uvicorn and its services cleanly.
+    return _stop_service(
+        "prefect",
+        "Prefect server",
+        _prefect_find(layout),
+        layout.pid_file,
+        first=signal.SIGTERM,
+        program=Path(sys.executable).name,
+        marker="server",
+        log_path=layout.log,
+        own_pid_file=True,
+    )
+
+
+def _url_password(url: str) -> str:
+    """The password of a URL ('' when none), only to hide it from log tails."""
+    from urllib.parse import unquote, urlsplit
+
+    password = urlsplit(url).password
+    return unquote(password) if password else ""
 
 
 def _local_s3_config(settings: Settings, layout: _S3Layout) -> S3Config:

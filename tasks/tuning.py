@@ -112,9 +112,11 @@ def tune_adapter_task(
     database_url: str,
     max_steps: int | None,
     start: AdapterRecord | None = None,
+    experiment: str | None = None,
 ) -> dict[str, Any]:
     """Load the backbone, tune LoRA on the prompts with the configured objective (from `start`,
-    the SFT adapter, for DMPO), store, register and gate the adapter."""
+    the SFT adapter, for DMPO), store, register and gate the adapter. An `experiment`'s adapter
+    is registered under that label and left a candidate (no gate, no promotion)."""
 
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.prompts import TEMPLATE_VERSION, verbalizer_ids
@@ -152,7 +154,7 @@ def tune_adapter_task(
         100 * valid.hit_share,
         valid.base_metrics["ndcg@10"],
     )
-    run_name = f"{ctx.model_id}-{objective}"
+    run_name = f"{ctx.model_id}-{objective}" + (f"-{experiment}" if experiment else "")
     if start is not None:
         run_name += f"-from-{start.adapter_id}"
     work_dir = settings.home / "tuning" / run_name
@@ -195,12 +197,14 @@ def tune_adapter_task(
                 "device": backbone.device,
                 "dtype": backbone.dtype,
                 **started_from,
+                **({"experiment": experiment} if experiment else {}),
             },
         },
         metrics,
         store_for(settings),
         database_url,
         settings.tune.promotion_tolerance,
+        gate=experiment is None,
     )
     logger.info(
         "adapter %d (%s): %s; %d steps in %.0f s, %.0f tokens/s",

@@ -41,9 +41,11 @@ class Ranker:
     device: str
 
 
-def load_ranker(database_url: str, store: Any, settings: Any) -> Ranker | None:
-    """The champion adapter on the configured backbone (checksums, backbone and template
-    verified); None when no adapter has been tuned yet (the run is then base-only)."""
+def load_ranker(
+    database_url: str, store: Any, settings: Any, record: registry.AdapterRecord | None = None
+) -> Ranker | None:
+    """`record` (default: the champion adapter) on the configured backbone (checksums, backbone
+    and template verified); None when no adapter has been tuned yet (the run is then base-only)."""
     import torch
     from peft import PeftModel
 
@@ -51,7 +53,7 @@ def load_ranker(database_url: str, store: Any, settings: Any) -> Ranker | None:
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.tuning import fetch_adapter
 
-    record = registry.champion_adapter(database_url)
+    record = record or registry.champion_adapter(database_url)
     if record is None:
         log.warning("no champion adapter: every user gets the base ranking (source 'base')")
         return None

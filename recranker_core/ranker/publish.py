@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from recranker_core.db.connect import connect
-from recranker_core.errors import ConfigError, DataError, RecrankerError
+from recranker_core.errors import BatchRankBusyError, ConfigError, DataError, RunStateError
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,6 @@ _SMALLINT_MAX = 32767
 _PARENT = sql.Identifier("recranker", "recommendations")
 _COLUMNS = ("run_id", "user_id", "rank", "item_id", "score", "base_rank", "source")
 _COPY_TYPES = ["text", "text", "int2", "text", "float4", "int2", "text"]
-
-
-class RunStateError(RecrankerError):
-    """A ranking run is not in the state an operation needs (publish before finish, writes
-    into a published run, a shard that does not exist)."""
-
-
-class BatchRankBusyError(RecrankerError):
-    """Another batch_rank holds this database's batch-ranking lock."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -284,9 +284,12 @@ def publish_adapter(
     store: ArtifactStore,
     database_url: str,
     tolerance: float,
+    *,
+    gate: bool = True,
 ) -> AdapterOutcome:
     """Store the adapter + hint regressor + metrics with a manifest, register it, and promote it
-    if its validation NDCG@10 passes the gate against the champion adapter."""
+    if its validation NDCG@10 passes the gate against the champion adapter. Without `gate` (an
+    experiment's adapters) it stays a candidate: never champion, never rejected."""
     import shutil
 
     import torch
@@ -317,6 +320,9 @@ def publish_adapter(
         files={path: entry.sha256 for path, entry in stored.manifest.files.items()},
         lineage={"prefix": stored.prefix, **manifest_meta.get("lineage", {})},
     )
+    if not gate:
+        reason = "experiment adapter: registered as a candidate, not gated"
+        return AdapterOutcome(adapter_id, False, reason, stored.uri, stored.prefix)
     decision = registry.gate(metrics, registry.champion_adapter(database_url), tolerance)
     if decision.promote:
         registry.promote_adapter(database_url, adapter_id, decision.reason)

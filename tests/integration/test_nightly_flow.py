@@ -122,8 +122,9 @@ def test_nightly_ingests_new_files_ranks_publishes_and_evaluates(
 def test_failed_stage_stops_the_chain_and_keeps_the_published_run(
     tiny_pipeline: dict[str, Any], tmp_path: Path, prefect_api: str
 ):
-    from flows.nightly import StageFailed, nightly_flow
+    from flows.nightly import nightly_flow
     from flows.params import BatchRankParams, NightlyParams, batch_rank_entry
+    from recranker_core.errors import StageFailed
     from recranker_core.ranker.publish import batch_rank_lock
 
     url = str(tiny_pipeline["database_url"])

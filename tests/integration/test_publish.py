@@ -21,13 +21,11 @@ from psycopg.conninfo import make_conninfo
 
 from recranker_core import registry
 from recranker_core.db.connect import libpq_url
-from recranker_core.errors import ConfigError, DataError
+from recranker_core.errors import BatchRankBusyError, ConfigError, DataError, RunStateError
 from recranker_core.ranker.publish import (
     BATCH_RANK_LOCK,
     PARTITION_SCHEMA,
-    BatchRankBusyError,
     RecommendationRow,
-    RunStateError,
     batch_rank_lock,
     current_run,
     drop_old_runs,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recranker_core.config import Settings, settings_table
+from recranker_core.config import Settings, setting_value, settings_table
 from recranker_core.db.connect import libpq_url, redact_url, sqlalchemy_url
 
 
@@ -44,3 +44,53 @@ def test_readme_lists_every_setting():
     assert settings_table() in readme, (
         "README's settings table is stale: paste `recranker settings --markdown`"
     )
+
+
+def test_nightly_schedule_settings_are_checked(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("RECRANKER_NIGHTLY__TIMEZONE", "Europe/Paris")
+    monkeypatch.setenv("RECRANKER_NIGHTLY__CRON", "30 1 * * *")
+    s = Settings()
+    assert (s.nightly.cron, s.nightly.timezone, s.nightly.tune_cron) == (
+        "30 1 * * *",
+        "Europe/Paris",
+        "0 4 * * 0",
+    )
+    monkeypatch.setenv("RECRANKER_NIGHTLY__TIMEZONE", "Mars/Olympus")
+    with pytest.raises(ValueError, match="not an IANA time zone"):
+        Settings()
+    monkeypatch.setenv("RECRANKER_NIGHTLY__TIMEZONE", "UTC")
+    monkeypatch.setenv("RECRANKER_NIGHTLY__CRON", "every night")
+    with pytest.raises(ValueError, match="five fields"):
+        Settings()
+    monkeypatch.delenv("RECRANKER_NIGHTLY__CRON")
+    monkeypatch.setenv("RECRANKER_SERVER__DATABASE", "prefect; DROP")
+    with pytest.raises(ValueError, match="database"):
+        Settings()
+
+
+def test_setting_value_follows_the_environment_variable_name():
+    s = Settings(nightly={"cron": "5 3 * * *"}, server={"port": 4300})
+    assert setting_value(s, "RECRANKER_NIGHTLY__CRON") == "5 3 * * *"
+    assert setting_value(s, "RECRANKER_SERVER__PORT") == 4300
+    assert setting_value(s, "RECRANKER_S3_BUCKET") == "recranker"
+    for name in ("RECRANKER_NIGHTLY", "RECRANKER_NIGHTLY__NOPE", "HOME", "RECRANKER_RANK__K__X"):
+        with pytest.raises(KeyError):
+            setting_value(s, name)
+
+
+def test_deploy_file_takes_schedules_from_settings(monkeypatch: pytest.MonkeyPatch):
+    from flows.cli import DEPLOY_FILE, load_deploy_file
+    from recranker_core.errors import ConfigError
+
+    monkeypatch.delenv("RECRANKER_NIGHTLY__CRON", raising=False)
+    monkeypatch.setenv("RECRANKER_NIGHTLY__TIMEZONE", "Asia/Tokyo")
+    spec = {d["name"]: d for d in load_deploy_file(DEPLOY_FILE)["deployments"]}
+    assert spec["nightly"]["schedules"][0] == {
+        "cron": "0 2 * * *",
+        "timezone": "Asia/Tokyo",
+        "active": True,
+    }
+    assert spec["tune-ranker"]["schedules"][0]["cron"] == "0 4 * * 0"
+    monkeypatch.setenv("RECRANKER_NIGHTLY__TUNE_CRON", "0 4 * *")
+    with pytest.raises(ConfigError, match="tune_cron"):
+        load_deploy_file(DEPLOY_FILE)
