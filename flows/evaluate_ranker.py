@@ -21,8 +21,7 @@ def evaluate_ranker_flow(
     """Evaluate on `targets` (default validation and test); `max_users` caps the evaluable
     users (a seeded random subset; default RECRANKER_RANK__EVAL_MAX_USERS)."""
     from recranker_core.errors import ConfigError
-    from recranker_core.ranker.evaluate import TARGETS, build_report, score_target
-    from recranker_core.ranker.hybrid import Weights
+    from recranker_core.ranker.evaluate import TARGETS, evaluate
     from recranker_core.ranker.prompts import Catalog
     from recranker_core.ranker.report import save_evaluation, table_rows, write_html
     from recranker_core.ranker.tuning import BaseHints
@@ -40,13 +39,9 @@ def evaluate_ranker_flow(
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)
     hints = BaseHints(ctx)
     limit = max_users or settings.rank.eval_max_users
-    scored = [
-        score_target(
-            ctx, catalog, hints, ranker.model, ranker.tokenizer, settings, t, max_users=limit
-        )
-        for t in targets
-    ]
-    report = build_report(scored, Weights(*settings.rank.weights), settings.retrain.candidates)
+    report, _ = evaluate(
+        ctx, catalog, hints, ranker.model, ranker.tokenizer, settings, targets, max_users=limit
+    )
     context = {
         "base model": f"{ctx.model_id} ({ctx.kind})",
         "adapter": ranker.adapter.label,

@@ -173,3 +173,24 @@ def build_report(
     }
     seconds = {t.target: round(t.seconds, 1) for t in targets}
     return EvalReport(table, weights, counts, positions, seconds)
+
+
+def evaluate(
+    ctx: Any,
+    catalog: Catalog,
+    hints: Any,
+    model: Any,
+    tokenizer: Any,
+    settings: Any,
+    targets: Sequence[str] = TARGETS,
+    *,
+    max_users: int | None = None,
+) -> tuple[EvalReport, list[TargetScores]]:
+    """Score every target and build the table with the configured hybrid weights (and, with a
+    validation target, the weights tuned on it)."""
+    scored = [
+        score_target(ctx, catalog, hints, model, tokenizer, settings, t, max_users=max_users)
+        for t in targets
+    ]
+    report = build_report(scored, Weights(*settings.rank.weights), settings.retrain.candidates)
+    return report, scored
