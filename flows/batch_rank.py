@@ -103,6 +103,7 @@ def batch_rank_flow(
                     "base_users",
                     "cold_users",
                     "llm_failures",
+                    "llm_retries",
                     "prompt_tokens",
                 )
             }

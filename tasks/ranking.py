@@ -114,6 +114,7 @@ def rank_shard_task(
         "base_users": result.base_users,
         "cold_users": result.cold_users,
         "llm_failures": result.llm_failures,
+        "llm_retries": result.llm_retries,
         "prompt_tokens": result.prompt_tokens,
         "seconds": round(seconds, 2),
         "candidates_s": round(result.seconds.get("candidates", 0.0), 2),

@@ -190,7 +190,8 @@ class ShardResult:
     llm_users: int = 0
     base_users: int = 0
     cold_users: int = 0
-    llm_failures: int = 0
+    llm_failures: int = 0  # users the LLM could not score (they keep the base ranking)
+    llm_retries: int = 0  # groups that failed together and were scored user by user
     prompt_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -261,35 +262,53 @@ def rank_shard(
                 for u, (idx, c) in enumerate(zip(cand_idx, to_score, strict=True))
             },
         )
-        step = max(1, rank.users_per_batch)
-        for lo in range(0, len(to_score), step):
-            group = list(range(lo, min(lo + step, len(to_score))))
-            try:
-                work = [
-                    (
-                        u,
-                        cand_idx[u],
-                        build_inference_prompts(
-                            data, catalog, hints, u, cand_idx[u], "valid", settings.prompts
-                        ),
-                    )
-                    for u in group
-                ]
-                scored = score_users(
-                    ranker.model,
-                    ranker.tokenizer,
-                    work,
-                    batch_size=rank.score_batch_size,
-                    # A single-task mode reads only that task's prompts.
-                    tasks=TASK_MODES if rank.mode == "hybrid" else (rank.mode,),
+        tasks = TASK_MODES if rank.mode == "hybrid" else (rank.mode,)
+
+        def score(group: list[int]) -> list[Any]:
+            work = [
+                (
+                    u,
+                    cand_idx[u],
+                    build_inference_prompts(
+                        data, catalog, hints, u, cand_idx[u], "valid", settings.prompts
+                    ),
                 )
-            except Exception as exc:  # one bad group must not sink the shard: base fallback
+                for u in group
+            ]
+            # A single-task mode reads only that task's prompts.
+            return score_users(
+                ranker.model, ranker.tokenizer, work, batch_size=rank.score_batch_size, tasks=tasks
+            )
+
+        step = max(1, rank.users_per_batch)
+        pending = [
+            list(range(lo, min(lo + step, len(to_score)))) for lo in range(0, len(to_score), step)
+        ]
+        while pending:
+            group = pending.pop(0)
+            try:
+                scored = score(group)
+            except Exception as exc:  # one bad group must not sink the shard
+                if len(group) > 1:
+                    # Out of memory on a batch of long prompts, or one user's prompts: each
+                    # user alone, so only a user who cannot be scored falls back.
+                    log.warning(
+                        "LLM scoring failed for a group of %d users (%s: %s); scoring them one "
+                        "at a time",
+                        len(group),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    result.llm_retries += 1
+                    pending[:0] = [[u] for u in group]
+                    continue
                 log.warning(
-                    "LLM scoring failed for %d users (%s); they keep the base ranking",
-                    len(group),
+                    "LLM scoring failed for user %s (%s: %s); the user keeps the base ranking",
+                    to_score[group[0]].user_id,
+                    type(exc).__name__,
                     exc,
                 )
-                result.llm_failures += len(group)
+                result.llm_failures += 1
                 continue
             for s in scored:
                 util = utilities(
