@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.batch_rank import batch_rank_flow
 from flows.evaluate_ranker import evaluate_ranker_flow
+from flows.experiment import experiment_objectives_flow
 from flows.ingest import ingest_flow
 from flows.retrain_base import retrain_base_flow
 from flows.tune_ranker import tune_ranker_flow
@@ -106,6 +107,32 @@ class EvaluateRankerParams(StageParams):
     )
 
 
+class ExperimentObjectivesParams(StageParams):
+    """Parameters of the `experiment-objectives` deployment: SFT vs ALRO vs DMPO."""
+
+    objectives: list[TuneObjective] | None = Field(
+        None, description="Objectives to compare; empty: sft, alro and dmpo."
+    )
+    profile: TuneProfile | None = Field(
+        None, description="Tuning profile of every run; empty: RECRANKER_TUNE__PROFILE."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop each tuning run after this many optimizer steps."
+    )
+    max_users: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate a seeded random subset of this many users; empty: "
+        "RECRANKER_RANK__EVAL_MAX_USERS.",
+    )
+    shuffles: int = Field(
+        3, ge=1, description="Candidate orders per listwise prompt in the position-bias test."
+    )
+    bias_users: int = Field(
+        100, ge=1, description="Test users whose listwise prompts are shuffled."
+    )
+
+
 class NightlyParams(StageParams):
     """Parameters of the `nightly` deployment: ingest -> retrain base -> batch rank -> evaluate."""
 
@@ -195,4 +222,23 @@ def evaluate_ranker_entry(
     """
     return evaluate_ranker_flow.fn(
         list(params.targets) if params.targets else None, params.max_users
+    )
+
+
+@flow(name="experiment-objectives")
+def experiment_objectives_entry(
+    params: ExperimentObjectivesParams = ExperimentObjectivesParams(),
+) -> dict[str, Any]:
+    """Tune and compare the objectives (the `experiment-objectives` deployment).
+
+    Args:
+        params: Objectives, budget and evaluation size; empty fields take the settings.
+    """
+    return experiment_objectives_flow.fn(
+        list(params.objectives) if params.objectives else None,
+        params.profile,
+        params.max_steps,
+        params.max_users,
+        params.shuffles,
+        params.bias_users,
     )

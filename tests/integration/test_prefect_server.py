@@ -24,7 +24,16 @@ import httpx
 import psycopg
 import pytest
 
-DEPLOYMENTS = {"nightly", "tune-ranker", "ingest", "retrain-base", "batch-rank", "evaluate-ranker"}
+DEPLOYMENTS = {
+    "nightly",
+    "tune-ranker",
+    "experiment-objectives",
+    "ingest",
+    "retrain-base",
+    "batch-rank",
+    "evaluate-ranker",
+}
+GPU = {"tune-ranker", "experiment-objectives"}
 TIMEZONE = "Europe/Paris"
 
 
@@ -168,8 +177,8 @@ def test_deploy_schedule_and_run_on_a_worker(
     }
     deployments = {d["name"]: d for d in _post(api, "/deployments/filter", {})}
     assert set(deployments) == DEPLOYMENTS
-    assert deployments["tune-ranker"]["work_pool_name"] == "gpu"
-    assert {deployments[n]["work_pool_name"] for n in DEPLOYMENTS - {"tune-ranker"}} == {"cpu"}
+    assert {deployments[n]["work_pool_name"] for n in GPU} == {"gpu"}
+    assert {deployments[n]["work_pool_name"] for n in DEPLOYMENTS - GPU} == {"cpu"}
     nightly = deployments["nightly"]
     [schedule] = nightly["schedules"]
     assert schedule["schedule"]["cron"] == f"0 {hour} * * *"
