@@ -13,10 +13,11 @@ from recranker_core.config import load_settings
 from tasks.common import resolve_database
 from tasks.ranking import (
     load_champion_task,
-    load_ranker_task,
     publish_rank_artifacts,
     rank_shard_task,
+    serving_adapter_task,
 )
+from tasks.runner import task_runner
 
 
 @flow(name="batch-rank")
@@ -27,7 +28,6 @@ def batch_rank_flow(
     from recranker_core.base.candidates import active_users, data_watermark
     from recranker_core.ranker import publish as runs
     from recranker_core.ranker.batch import most_active_users, popular_items, shards_of
-    from recranker_core.ranker.prompts import Catalog
 
     started = time.perf_counter()
     settings = load_settings()
@@ -46,12 +46,12 @@ def batch_rank_flow(
             llm_users = most_active_users(
                 database_url, users, watermark, settings.rank.llm_max_users
             )
-        ranker = load_ranker_task(database_url, settings) if settings.rank.mode != "base" else None
+        adapter_id = serving_adapter_task(database_url, settings)
         state = runs.start_run(
             database_url,
             run_id=run_id,
             model_id=champion.model_id,
-            adapter_id=ranker.adapter.adapter_id if ranker else None,
+            adapter_id=adapter_id,
             data_watermark=watermark,
             params={
                 "mode": settings.rank.mode,
@@ -71,29 +71,41 @@ def batch_rank_flow(
             len(state.done_shards),
             watermark,
         )
-        catalog = Catalog.from_database(database_url, champion.item_ids) if ranker else None
         popular = popular_items(database_url, watermark)
         results: list[dict[str, Any]] = []
         try:
-            for shard, shard_users in enumerate(state.shards):
-                if shard in state.done_shards:
-                    continue
-                results.append(
-                    rank_shard_task(
-                        database_url,
-                        state.run_id,
-                        shard,
-                        shard_users,
-                        champion,
-                        ranker,
-                        catalog,
-                        watermark,
-                        settings,
-                        llm_users,
-                        popular,
+            # Each shard loads the models (once per process) and reads its users' data itself:
+            # only ids and settings travel to the task runner.
+            with task_runner(settings.runner) as runner:
+                futures = [
+                    runner.submit(
+                        rank_shard_task,
+                        parameters={
+                            "database_url": database_url,
+                            "run_id": state.run_id,
+                            "shard": shard,
+                            "users": shard_users,
+                            "watermark": watermark,
+                            "settings": settings,
+                            "model_id": champion.model_id,
+                            "adapter_id": adapter_id,
+                            "llm_users": None
+                            if llm_users is None
+                            else sorted(llm_users.intersection(shard_users)),
+                            "popular": popular,
+                        },
                     )
-                )
-                logger.info("shard %d/%d done: %s", shard + 1, len(state.shards), results[-1])
+                    for shard, shard_users in enumerate(state.shards)
+                    if shard not in state.done_shards
+                ]
+                for future in futures:
+                    results.append(future.result())
+                    logger.info(
+                        "shard %d/%d done: %s",
+                        results[-1]["shard"] + 1,
+                        len(state.shards),
+                        results[-1],
+                    )
             totals = {
                 key: sum(r[key] for r in results)
                 for key in (
@@ -125,7 +137,7 @@ def batch_rank_flow(
         "users": len(users),
         **{k: v for k, v in totals.items() if k != "users"},
         "model_id": champion.model_id,
-        "adapter_id": ranker.adapter.adapter_id if ranker else None,
+        "adapter_id": adapter_id,
         "mode": settings.rank.mode,
         "resumed_shards": len(state.done_shards),
         "dropped": dropped,

@@ -396,6 +396,28 @@ class NightlySettings(BaseModel):
         return v
 
 
+class RunnerSettings(BaseModel):
+    """Where the shards of batch ranking run: threads of the flow's process, or a Dask cluster
+    (each shard reads its users from PostgreSQL and its models from S3 itself)."""
+
+    kind: Literal["threads", "dask"] = Field(
+        "threads",
+        description="`threads` (in the flow's process) or `dask` (prefect-dask's DaskTaskRunner: "
+        "the scheduler at `address`, else a local cluster of `workers` processes).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Shards ranked at once: threads of this process, or the processes of the "
+        "local Dask cluster. Each holds its own copy of the models (threads share one).",
+    )
+    address: str | None = Field(
+        None,
+        description="Address of a running Dask scheduler (tcp://host:8786) for `kind=dask`; "
+        "unset: a local cluster started for the run.",
+    )
+
+
 class ServerSettings(BaseModel):
     """The Prefect server (API and UI) that `recranker stack up --ui` starts."""
 
@@ -446,6 +468,7 @@ class Settings(BaseSettings):
     rank: RankSettings = Field(default_factory=lambda: RankSettings())
     nightly: NightlySettings = Field(default_factory=lambda: NightlySettings())
     server: ServerSettings = Field(default_factory=lambda: ServerSettings())
+    runner: RunnerSettings = Field(default_factory=lambda: RunnerSettings())
 
     @field_validator("home")
     @classmethod

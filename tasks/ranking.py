@@ -58,6 +58,29 @@ def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
 
 
 @task(
+    name="serving-adapter",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
+)
+def serving_adapter_task(database_url: str, settings: Settings) -> int | None:
+    """The adapter a batch-ranking run serves: the champion adapter's id, or None (a base-only
+    run) in mode `base` or while no adapter has been tuned."""
+    from recranker_core import registry
+
+    if settings.rank.mode == "base":
+        get_run_logger().info("mode base: no LLM re-ranking in this run")
+        return None
+    record = registry.champion_adapter(database_url)
+    if record is None:
+        get_run_logger().warning("no champion adapter: this run publishes base rankings only")
+        return None
+    get_run_logger().info("ranker adapter: %s", record.label)
+    return record.adapter_id
+
+
+@task(
     name="rank-shard",
     cache_policy=NO_CACHE,
     retries=1,
@@ -69,30 +92,32 @@ def rank_shard_task(
     run_id: str,
     shard: int,
     users: list[str],
-    champion: Any,
-    ranker: Any,
-    catalog: Any,
     watermark: datetime,
     settings: Settings,
-    llm_users: set[str] | None,
+    model_id: int,
+    adapter_id: int | None,
+    llm_users: list[str] | None,
     popular: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Rank one shard and write its rows in one transaction (idempotent: a retry replaces)."""
+    """Rank one shard and write its rows in one transaction (idempotent: a retry, or the same
+    shard run twice, replaces its rows). The models come from this process's serving cache
+    (fetched from S3 and verified once per process), the users' data from PostgreSQL."""
     import time
 
-    from recranker_core.ranker.batch import rank_shard
+    from recranker_core.ranker.batch import rank_shard, serving_models
     from recranker_core.ranker.publish import write_shard
 
     started = time.perf_counter()
+    models = serving_models(database_url, store_for(settings), settings, model_id, adapter_id)
     result = rank_shard(
         database_url,
-        champion,
-        ranker,
-        catalog,
+        models.champion,
+        models.ranker,
+        models.catalog,
         users,
         watermark,
         settings,
-        llm_users=llm_users,
+        llm_users=None if llm_users is None else set(llm_users),
         popular=popular,
     )
     seconds = time.perf_counter() - started

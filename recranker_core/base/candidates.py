@@ -96,14 +96,18 @@ class ChampionScorer:
         return int(dim) if isinstance(dim, int) else -1
 
 
-def load_champion(database_url: str, store: ArtifactStore, cache_root: Path) -> ChampionScorer:
-    """The champion's ONNX scorer from the store (checksums verified on fetch and on every
-    cached reuse). No champion -> DataError saying how to get one."""
+def load_champion(
+    database_url: str, store: ArtifactStore, cache_root: Path, model_id: int | None = None
+) -> ChampionScorer:
+    """The champion's (or model `model_id`'s) ONNX scorer from the store (checksums verified on
+    fetch and on every cached reuse). No champion -> DataError saying how to get one."""
     import json
 
     from recranker_core import registry
 
-    record = registry.champion(database_url)
+    record = registry.champion(database_url) if model_id is None else None
+    if model_id is not None:
+        record = registry.get_model(database_url, model_id)
     if record is None:
         raise DataError("no champion base model: run `recranker train-base` first")
     prefix = record.lineage.get("prefix")

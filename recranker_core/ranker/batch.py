@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recranker_core import registry
-from recranker_core.base.candidates import ChampionScorer, champion_candidates
+from recranker_core.base.candidates import ChampionScorer, champion_candidates, load_champion
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
 from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, rerank, utilities
@@ -391,6 +392,49 @@ def most_active_users(
 
 def shards_of(user_ids: list[str], shard_size: int) -> list[list[str]]:
     return [user_ids[lo : lo + shard_size] for lo in range(0, len(user_ids), shard_size)]
+
+
+@dataclass
+class ServingModels:
+    """What a shard needs besides its users' data: the base model's scorer, the ranker (None for
+    a base-only run) and the catalogue of item titles the prompts show."""
+
+    champion: ChampionScorer
+    ranker: Ranker | None
+    catalog: Catalog | None
+
+
+_SERVING_LOCK = threading.Lock()
+_SERVING: dict[tuple[Any, ...], ServingModels] = {}
+
+
+def serving_models(
+    database_url: str, store: Any, settings: Any, model_id: int, adapter_id: int | None
+) -> ServingModels:
+    """Model `model_id`'s scorer and adapter `adapter_id` on the configured backbone, loaded once
+    per process (threads share them; each Dask worker process loads its own copy, from S3, with
+    every checksum verified). One set is kept: a run with other models replaces it."""
+    key = (
+        database_url,
+        model_id,
+        adapter_id,
+        str(settings.home),
+        settings.backbone.model_dump_json(),
+    )
+    with _SERVING_LOCK:
+        found = _SERVING.get(key)
+        if found is not None:
+            return found
+        _SERVING.clear()
+        champion = load_champion(database_url, store, cache_root(settings), model_id)
+        ranker = None
+        catalog = None
+        if adapter_id is not None:
+            record = registry.get_adapter(database_url, adapter_id)
+            ranker = load_ranker(database_url, store, settings, record)
+            catalog = Catalog.from_database(database_url, champion.item_ids)
+        _SERVING[key] = ServingModels(champion, ranker, catalog)
+        return _SERVING[key]
 
 
 def cache_root(settings: Any) -> Path:

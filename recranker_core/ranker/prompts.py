@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -221,7 +222,10 @@ def build_inference_prompts(
             f"{len(cands)} candidates for user {user}, but a listwise prompt names at most "
             f"{len(IDENTIFIERS)} (A..Z): lower the number of candidates per user"
         )
-    rng = np.random.default_rng([settings.seed, _INFERENCE_STREAM, user, _TARGETS.index(target)])
+    # Seeded by the user's external id, not its index: the same user gets the same history
+    # sample, pairs and listwise order whichever split or shard it is scored in.
+    key = zlib.crc32(str(data.user_ids[user]).encode())
+    rng = np.random.default_rng([settings.seed, _INFERENCE_STREAM, key, _TARGETS.index(target)])
     # Candidates are kept out of the history: an item cannot be both already rated and to be
     # ranked, and the valid target's exclusions already guarantee it for real candidates.
     rated = _RatingIndex(data).of(user, exclude=set(_held_out(data, user)) | set(cands))

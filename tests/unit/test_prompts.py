@@ -547,3 +547,34 @@ def test_bad_inputs_are_refused_with_the_reason(
     with pytest.raises(DataError, match="catalog describes 1 items"):
         build_training_prompts(data, small, hints, np.array([0]), PromptSettings())
     assert TEMPLATE_VERSION == "rr-1"
+
+
+def test_inference_prompts_follow_the_user_not_its_index(data: SplitData, catalog: Catalog):
+    """A batch-ranking shard indexes its users 0..n-1; the same user must get the same history
+    sample, pairs and listwise order whatever its index (shard size must not change results)."""
+    rows = [r for r in synthetic_rows() if r[0] in ("u5", "u6")]
+    users, items, ratings, ts = zip(*rows, strict=True)
+    other = build_split(users, items, ratings, ts, like_threshold=4.0)
+    assert uid(other, "u5") != uid(data, "u5")
+    other_catalog = Catalog(
+        titles=[title_of(i) for i in other.item_ids],
+        years=[1980] * other.n_items,
+        genres=[["Drama"]] * other.n_items,
+        item_ids=list(other.item_ids),
+    )
+    rated_by_u5 = {i for u, i, _, _ in rows if u == "u5"}
+    candidate_ids = sorted({i for u, i, _, _ in rows if u == "u6"} - rated_by_u5)[:6]
+    settings = PromptSettings(history_max=5, pairwise_pairs=3)
+
+    def shown(split: SplitData, cat: Catalog) -> list[tuple[str, list[str], list[str]]]:
+        user = uid(split, "u5")
+        cands = [split.item_ids.index(i) for i in candidate_ids]
+        prompts = build_inference_prompts(
+            split, cat, PopularityHints(split), user, cands, "valid", settings
+        )
+        return [
+            (p.task, [split.item_ids[i] for i in p.items], [split.item_ids[i] for i in p.history])
+            for p in prompts
+        ]
+
+    assert shown(data, catalog) == shown(other, other_catalog)
