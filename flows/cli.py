@@ -40,6 +40,11 @@ class Format(StrEnum):
     parquet = "parquet"
 
 
+ProfileOption = Annotated[
+    str | None, typer.Option(help="`full` or `cpu-demo` (default RECRANKER_TUNE__PROFILE).")
+]
+
+
 def _settings() -> Any:
     from recranker_core.config import load_settings
     from recranker_core.errors import ConfigError
@@ -396,10 +401,7 @@ def tune_ranker(
             "(from the champion SFT adapter); default RECRANKER_TUNE__OBJECTIVE."
         ),
     ] = None,
-    profile: Annotated[
-        str | None,
-        typer.Option(help="`full` or `cpu-demo` (default RECRANKER_TUNE__PROFILE)."),
-    ] = None,
+    profile: ProfileOption = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many optimizer steps.")
     ] = None,
@@ -426,10 +428,7 @@ def experiment_objectives(
             help="An objective to compare (repeatable; default sft, alro and dmpo).",
         ),
     ] = None,
-    profile: Annotated[
-        str | None,
-        typer.Option(help="`full` or `cpu-demo` (default RECRANKER_TUNE__PROFILE)."),
-    ] = None,
+    profile: ProfileOption = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop each tuning run after this many optimizer steps.")
     ] = None,

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -373,6 +373,20 @@ def _stop_process(proc: psutil.Process, *, first: signal.Signals, what: str) -> 
     wait(10.0)
 
 
+def _service_status(
+    name: str,
+    found: tuple[psutil.Process | None, str | None],
+    running: Callable[[psutil.Process], ServiceStatus],
+    pid_file: Path,
+) -> ServiceStatus:
+    """Running (as `running` words it) or stopped, with a stale pid file noted; changes nothing."""
+    proc, stale = found
+    if proc is not None:
+        return running(proc)
+    detail = "not running" + (f"; stale pid file {pid_file} ({stale})" if stale else "")
+    return ServiceStatus(name, "stopped", None, "", detail)
+
+
 def _stale_note(pid: int | None) -> str:
     return f"pid {pid} is not our server" if pid is not None else "unreadable pid"
 
@@ -547,11 +561,12 @@ def _pg_running_status(layout: _PgLayout, proc: psutil.Process, lead: str) -> Se
 
 
 def _pg_status(layout: _PgLayout) -> ServiceStatus:
-    proc, stale = _pg_find(layout)
-    if proc is not None:
-        return _pg_running_status(layout, proc, "running")
-    detail = "not running" + (f"; stale pid file {layout.pid_file} ({stale})" if stale else "")
-    return ServiceStatus("postgres", "stopped", None, "", detail)
+    return _service_status(
+        "postgres",
+        _pg_find(layout),
+        lambda proc: _pg_running_status(layout, proc, "running"),
+        layout.pid_file,
+    )
 
 
 def _pg_init(layout: _PgLayout, bin_dir: Path, user: str | None) -> None:
@@ -817,11 +832,12 @@ def _s3_running_status(layout: _S3Layout, proc: psutil.Process, lead: str) -> Se
 
 
 def _s3_status(layout: _S3Layout) -> ServiceStatus:
-    proc, stale = _s3_find(layout)
-    if proc is not None:
-        return _s3_running_status(layout, proc, "running")
-    detail = "not running" + (f"; stale pid file {layout.pid_file} ({stale})" if stale else "")
-    return ServiceStatus("s3", "stopped", None, "", detail)
+    return _service_status(
+        "s3",
+        _s3_find(layout),
+        lambda proc: _s3_running_status(layout, proc, "running"),
+        layout.pid_file,
+    )
 
 
 def _choose_weed_ports(layout: _S3Layout, notes: list[str]) -> dict[str, int]:
@@ -1121,11 +1137,12 @@ def _prefect_running_status(
 
 
 def _prefect_status(layout: _PrefectLayout) -> ServiceStatus:
-    proc, stale = _prefect_find(layout)
-    if proc is not None:
-        return _prefect_running_status(layout, proc, "running")
-    detail = "not running" + (f"; stale pid file {layout.pid_file} ({stale})" if stale else "")
-    return ServiceStatus("prefect", "stopped", None, "", detail)
+    return _service_status(
+        "prefect",
+        _prefect_find(layout),
+        lambda proc: _prefect_running_status(layout, proc, "running"),
+        layout.pid_file,
+    )
 
 
 def _prefect_database(admin_url: str, name: str) -> str:
