@@ -136,6 +136,9 @@ def batch_rank_flow(
         "previous": previous,
         "users": len(users),
         **{k: v for k, v in totals.items() if k != "users"},
+        # Shard-seconds summed over this run's shards (with N workers, wall time is less).
+        "candidates_s": round(sum(r["candidates_s"] for r in results), 1),
+        "llm_s": round(sum(r["llm_s"] for r in results), 1),
         "model_id": champion.model_id,
         "adapter_id": adapter_id,
         "mode": settings.rank.mode,

@@ -45,4 +45,5 @@ def retrain_base_flow(
         "promoted": winner.model_id if winner else None,
         "models": {o.kind: o.model_id for o in outcomes},
         "failed": failed,
+        "seconds": {o.kind: o.seconds for o in outcomes},
     }

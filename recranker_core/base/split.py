@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -94,26 +95,51 @@ def build_split(
     anything after the test like is ignored (it lies in the future of the test). Users with fewer
     than 3 likes are not evaluated; all their interactions are train data.
     """
+    user_codes, users = _codes(np.asarray(user_ids).astype(str))
+    item_codes, items = _codes(np.asarray(item_ids).astype(str))
+    return split_from_codes(
+        user_codes,
+        item_codes,
+        np.asarray(ratings, dtype=np.float32),
+        np.asarray(timestamps, dtype=np.float64),
+        users,
+        items,
+        like_threshold=like_threshold,
+        watermark=watermark,
+    )
+
+
+def _codes(values: npt.NDArray[np.str_]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.str_]]:
+    vocabulary, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int32).reshape(-1), vocabulary
+
+
+def split_from_codes(
+    user_codes: npt.NDArray[np.int32],
+    item_codes: npt.NDArray[np.int32],
+    ratings: npt.NDArray[np.float32],
+    timestamps: npt.NDArray[np.float64],
+    users: npt.ArrayLike,
+    items: npt.ArrayLike,
+    *,
+    like_threshold: float = 4.0,
+    watermark: datetime | None = None,
+) -> SplitData:
+    """The split from compact columns: `user_codes[n]` indexes `users` and `item_codes[n]`
+    indexes `items`, both sorted external ids with no id left unused (build_split's rules)."""
     import pandas as pd
 
     from recranker_core.errors import DataError
 
+    users = np.asarray(users)
+    items = np.asarray(items)
     df = pd.DataFrame(
-        {
-            "user": np.asarray(user_ids).astype(str),
-            "item": np.asarray(item_ids).astype(str),
-            "rating": np.asarray(ratings, dtype=np.float32),
-            "ts": np.asarray(timestamps, dtype=np.float64),
-        }
+        {"u": user_codes, "i": item_codes, "rating": ratings, "ts": timestamps}, copy=False
     )
     if df.empty:
         raise DataError("no interactions to split: ingest data first (`recranker ingest`)")
-    users = np.array(sorted(df["user"].unique()))
-    items = np.array(sorted(df["item"].unique()))
     if items.size < 2:
         raise DataError(f"only {items.size} item in the interactions: nothing to rank")
-    df["u"] = np.searchsorted(users, df["user"].to_numpy()).astype(np.int32)
-    df["i"] = np.searchsorted(items, df["item"].to_numpy()).astype(np.int32)
     # Ties in time are broken by item id, so that the split does not depend on row order.
     df = df.sort_values(["u", "ts", "i"], kind="stable").reset_index(drop=True)
     df["pos"] = df.groupby("u").cumcount()
@@ -193,42 +219,85 @@ def build_split(
 
 
 def load_split(
-    database_url: str, *, like_threshold: float = 4.0, watermark: datetime | None = None
+    database_url: str,
+    *,
+    like_threshold: float = 4.0,
+    watermark: datetime | None = None,
+    chunk_bytes: int = 64 << 20,
 ) -> SplitData:
     """The split of recranker.interactions as of `watermark` (default: the latest event), so that
-    a rerun over the same data gives the same split."""
+    a rerun over the same data gives the same split.
+
+    Memory stays proportional to the interactions as compact arrays (int32 user and item codes,
+    float32 rating, float64 time: 20 bytes a row), never to their text: the sorted id
+    vocabularies are read first, then the rows stream out by COPY and are parsed and coded
+    `chunk_bytes` of CSV at a time."""
     import io
 
     import pandas as pd
-    from psycopg import sql
+    from psycopg import IsolationLevel, sql
 
     from recranker_core.db.connect import connect
 
+    columns: dict[str, list[npt.NDArray[Any]]] = {"u": [], "i": [], "rating": [], "ts": []}
+
+    def parse(block: bytes) -> None:
+        frame = pd.read_csv(
+            io.BytesIO(block),
+            header=None,
+            names=["user_id", "item_id", "rating", "ts"],
+            dtype={"user_id": str, "item_id": str, "rating": np.float32, "ts": np.float64},
+            keep_default_na=False,
+        )
+        columns["u"].append(user_index.get_indexer(frame["user_id"]).astype(np.int32))
+        columns["i"].append(item_index.get_indexer(frame["item_id"]).astype(np.int32))
+        columns["rating"].append(frame["rating"].to_numpy(np.float32))
+        columns["ts"].append(frame["ts"].to_numpy(np.float64))
+
     with connect(database_url) as conn:
+        # One snapshot for the vocabularies and the rows: a concurrent ingest (even of old
+        # events) is either wholly in the split or not at all.
+        conn.isolation_level = IsolationLevel.REPEATABLE_READ
         if watermark is None:
             row = conn.execute("SELECT max(event_ts) FROM recranker.interactions").fetchone()
             watermark = row[0] if row else None
-        buf = io.BytesIO()
+
+        def distinct(column: str) -> list[str]:
+            query = sql.SQL(
+                "SELECT DISTINCT {} FROM recranker.interactions WHERE event_ts <= %s"
+            ).format(sql.Identifier(column))
+            return sorted(r[0] for r in conn.execute(query, (watermark,)))
+
+        users = distinct("user_id")
+        items = distinct("item_id")
+        user_index, item_index = pd.Index(users), pd.Index(items)
         query = sql.SQL(
             "COPY (SELECT user_id, item_id, rating, extract(epoch FROM event_ts) "
             "FROM recranker.interactions WHERE event_ts <= {}) TO STDOUT (FORMAT csv)"
         ).format(sql.Literal(watermark))
+        pending = bytearray()
         with conn.cursor() as cur, cur.copy(query) as copy:
             for block in copy:
-                buf.write(block)
-    buf.seek(0)
-    frame = pd.read_csv(
-        buf,
-        header=None,
-        names=["user_id", "item_id", "rating", "ts"],
-        dtype={"user_id": str, "item_id": str, "rating": np.float32, "ts": np.float64},
-        keep_default_na=False,
-    )
-    return build_split(
-        frame["user_id"],
-        frame["item_id"],
-        frame["rating"],
-        frame["ts"],
+                pending += block
+                if len(pending) >= chunk_bytes:
+                    cut = pending.rfind(b"\n") + 1
+                    if cut:
+                        parse(bytes(pending[:cut]))
+                        del pending[:cut]
+        if pending.strip():
+            parse(bytes(pending))
+
+    def joined(name: str, dtype: type) -> npt.NDArray[Any]:
+        parts = columns.pop(name)
+        return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+    return split_from_codes(
+        joined("u", np.int32),
+        joined("i", np.int32),
+        joined("rating", np.float32),
+        joined("ts", np.float64),
+        np.array(users, dtype=str),
+        np.array(items, dtype=str),
         like_threshold=like_threshold,
         watermark=watermark,
     )
