@@ -53,3 +53,29 @@ def test_evaluate_scores_shape():
     out = evaluate_scores(fixed({"a": 0, "b": 0, "c": 3, "d": 9, "e": 1, "f": 2}, data), data)
     assert out["test"]["hr@3"] == 1.0 and out["test"]["ndcg@3"] == 1.0
     assert out["valid"]["hr@3"] == 1.0 and out["valid"]["ndcg@3"] < 1.0  # d ranks above c
+
+
+def test_ranks_do_not_depend_on_the_batch_or_the_float_type(monkeypatch):
+    import recranker_core.base.evaluate as evaluate
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    users = rng.integers(0, 40, n).astype(str)
+    items = rng.integers(0, 60, n).astype(str)
+    ratings = rng.integers(1, 6, n)
+    data = build_split(users, items, ratings, np.arange(n))
+    table = rng.standard_normal((data.n_users, data.n_items)).round(1)  # with ties
+
+    def score64(u):
+        return table[u]
+
+    def score32(u):
+        return table[u].astype(np.float32)
+
+    expected = target_ranks(score64, data, "test", batch_size=data.n_users)
+    assert expected.size == data.evaluable_users().size > 10
+    # The default batch is sized by the catalogue: a block of 7 rows -> 7 users at a time.
+    monkeypatch.setattr(evaluate, "SCORE_BLOCK_ELEMENTS", 7 * data.n_items)
+    np.testing.assert_array_equal(target_ranks(score64, data, "test"), expected)
+    np.testing.assert_array_equal(target_ranks(score32, data, "test"), expected)
+    np.testing.assert_array_equal(target_ranks(score32, data, "test", batch_size=3), expected)
