@@ -249,8 +249,8 @@ def load_split(
             dtype={"user_id": str, "item_id": str, "rating": np.float32, "ts": np.float64},
             keep_default_na=False,
         )
-        columns["u"].append(user_index.get_indexer(frame["user_id"]).astype(np.int32))
-        columns["i"].append(item_index.get_indexer(frame["item_id"]).astype(np.int32))
+        columns["u"].append(user_index.get_indexer(pd.Index(frame["user_id"])).astype(np.int32))
+        columns["i"].append(item_index.get_indexer(pd.Index(frame["item_id"])).astype(np.int32))
         columns["rating"].append(frame["rating"].to_numpy(np.float32))
         columns["ts"].append(frame["ts"].to_numpy(np.float64))
 
