@@ -90,6 +90,7 @@ def experiment_objectives_flow(
             k: summary.get(k)
             for k in (
                 "steps",
+                "best_step",
                 "seconds",
                 "tokens_per_second",
                 "init_adapter_id",

@@ -223,6 +223,7 @@ def tune_adapter_task(
         "metrics": metrics,
         "history": result.history,
         "steps": result.steps,
+        "best_step": result.best_step,
         "seconds": round(result.seconds, 1),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "resumed_from": result.resumed_from,

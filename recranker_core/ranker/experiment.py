@@ -86,17 +86,27 @@ def comparison_markdown(results: list[ObjectiveResult], context: dict[str, Any])
         "per scored test user (all three tasks, shared prefix once).",
         "",
         "| objective | adapter | listwise spearman | top-1 kept | prompts x shuffles | "
-        "tuning steps | tuning s | tokens/user (inference) | test hybrid ndcg@3 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "tuning steps | kept step | tuning s | tokens/user (inference) | test hybrid ndcg@3 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         test_hybrid = r.report.table.get("hybrid", {}).get("test", {}).get("ndcg@3", float("nan"))
         lines.append(
             f"| {r.objective} | {r.adapter_id} | {_fmt(r.bias.mean_spearman)} | "
             f"{_fmt(r.bias.top1_agreement)} | {r.bias.prompts} x {r.bias.shuffles} | "
-            f"{r.tuning.get('steps', '')} | {r.tuning.get('seconds', '')} | "
+            f"{r.tuning.get('steps', '')} | {r.tuning.get('best_step', '')} | "
+            f"{r.tuning.get('seconds', '')} | "
             f"{r.inference_tokens_per_user:.0f} | {_fmt(test_hybrid)} |"
         )
+    unmoved = [r.objective for r in results if r.tuning.get("best_step") == 0]
+    if unmoved:
+        lines += [
+            "",
+            f"Kept step 0 ({', '.join(unmoved)}): validation never improved on the starting point, "
+            "so the stored adapter is that starting point (the untuned backbone for sft and alro, "
+            "the SFT adapter for dmpo) and its rows measure it, not the objective. A larger "
+            "budget (more users and steps) is needed to compare those objectives.",
+        ]
     return "\n".join(lines) + "\n"
 
 
