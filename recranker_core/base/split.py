@@ -280,7 +280,7 @@ def load_split(
             for block in copy:
                 pending += block
                 if len(pending) >= chunk_bytes:
-                    cut = pending.rfind(b"\n") + 1
+                    cut = _row_end(pending)
                     if cut:
                         parse(bytes(pending[:cut]))
                         del pending[:cut]
@@ -301,3 +301,13 @@ def load_split(
         like_threshold=like_threshold,
         watermark=watermark,
     )
+
+
+def _row_end(buffer: bytearray) -> int:
+    """Length of the longest prefix of whole CSV rows in `buffer` (which starts at a row): after
+    the last newline that lies outside a quoted field (an id may hold a quoted newline; a quote
+    inside a quoted field is doubled, so an even count of quotes means outside). 0: none."""
+    cut = buffer.rfind(b"\n")
+    while cut >= 0 and buffer.count(b'"', 0, cut) % 2:
+        cut = buffer.rfind(b"\n", 0, cut)
+    return cut + 1

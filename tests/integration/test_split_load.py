@@ -19,6 +19,14 @@ def test_chunked_load_equals_the_split_of_all_rows(tmp_path: Path, settings, cle
     files = generate(tmp_path / "synth", users=60, items=45, interactions=2500, seed=11)
     ingest_file(describe_file(files.interactions, None), settings, clean_db)
     with psycopg.connect(clean_db) as conn:
+        # Ids that CSV must quote (comma, quote, newline), written as a loader might have.
+        conn.execute(
+            "INSERT INTO recranker.interactions (user_id, item_id, rating, event_ts, batch_id) "
+            "SELECT u, i, 5, '2020-01-01'::timestamptz + n * interval '1 day', "
+            "(SELECT min(batch_id) FROM recranker.interactions) FROM (VALUES "
+            "('odd,\"user\"', 'item\nwith newline', 1), ('odd,\"user\"', 'x,\"\"y', 2), "
+            "('odd,\"user\"', 'plain', 3), ('z', 'item\nwith newline', 4)) AS t(u, i, n)"
+        )
         rows = conn.execute(
             "SELECT user_id, item_id, rating, extract(epoch FROM event_ts)::float8 "
             "FROM recranker.interactions"
@@ -32,7 +40,8 @@ def test_chunked_load_equals_the_split_of_all_rows(tmp_path: Path, settings, cle
 
     assert got.watermark == watermark
     assert got.user_ids == expected.user_ids and got.item_ids == expected.item_ids
-    assert got.stats == expected.stats and got.stats["interactions"] == 2500
+    assert got.stats == expected.stats and got.stats["interactions"] == 2504
+    assert 'odd,"user"' in got.user_ids and "item\nwith newline" in got.item_ids
     for name in (
         "train_indptr",
         "train_indices",

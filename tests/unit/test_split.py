@@ -89,3 +89,15 @@ def test_too_little_data_is_a_clear_error():
         build_split([], [], [], [])
     with pytest.raises(DataError, match="only 1 item"):
         split_of([("u", "a", 5, 1), ("v", "a", 4, 2)])
+
+
+def test_chunks_of_the_copy_stream_end_after_whole_rows_only():
+    from recranker_core.base.split import _row_end
+
+    rows = b'a,b,5,1\n"odd,""u""","item\nwith newline",4,2\nc,"x\n",3,3\n'
+    # Every prefix: the cut is after the last row that ends inside it, never at a quoted newline.
+    ends = [n + 1 for n in range(len(rows)) if rows[n : n + 1] == b"\n"]
+    row_ends = [ends[0], ends[2], ends[4]]  # the 2nd and 4th newlines are inside quotes
+    for size in range(len(rows) + 1):
+        expected = max([e for e in row_ends if e <= size], default=0)
+        assert _row_end(bytearray(rows[:size])) == expected, size
