@@ -42,8 +42,13 @@ class TrainResult:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
 
-def train_model(kind: str, data: SplitData, settings: BaseTrainSettings) -> TrainResult:
-    """Fit a base model of `kind` (one of KINDS) on the train period of `data` and evaluate it."""
+def train_model(
+    kind: str, data: SplitData, settings: BaseTrainSettings, *, rank_evaluation: bool = True
+) -> TrainResult:
+    """Fit a base model of `kind` (one of KINDS) on the train period of `data` and evaluate it.
+    `rank_evaluation=False` skips the full-ranking evaluation on validation and test (a model
+    used only for its predictions, like the hint regressor: `metrics` then holds its held-out
+    RMSE only)."""
     import torch
 
     from recranker_core.base.evaluate import evaluate_scores
@@ -78,14 +83,18 @@ def train_model(kind: str, data: SplitData, settings: BaseTrainSettings) -> Trai
         def test_fn(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
             return model.sequence_scores(users, test_sequences)
 
-    metrics = evaluate_scores(model.full_scores, data, test_score_fn=test_fn)
+    metrics = (
+        evaluate_scores(model.full_scores, data, test_score_fn=test_fn)
+        if rank_evaluation
+        else {"valid": {}, "test": {}}
+    )
     if kind == "biasedmf":
         metrics["valid"]["rmse"] = min(row["rmse"] for row in history)
     log.info(
         "%s: best epoch %d, valid NDCG@10 %.4f, %.1f s",
         kind,
         best_epoch,
-        metrics["valid"]["ndcg@10"],
+        metrics["valid"].get("ndcg@10", float("nan")),
         seconds,
     )
     return TrainResult(kind, model, best_epoch, history, metrics, seconds, hyper)

@@ -118,7 +118,8 @@ def train_hint_regressor(ctx: BaseContext, settings: Settings) -> None:
     """The biased-MF rating regressor behind the pointwise hint, on train-period ratings."""
     from recranker_core.base.train import train_model
 
-    result = train_model("biasedmf", ctx.data, settings.base)
+    # Only its rating predictions are used: no full-ranking evaluation over every user.
+    result = train_model("biasedmf", ctx.data, settings.base, rank_evaluation=False)
     ctx.regressor = result.model
     log.info("hint regressor: held-out RMSE %.3f", result.metrics["valid"].get("rmse", np.nan))
 

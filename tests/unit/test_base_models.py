@@ -163,6 +163,11 @@ def test_biased_mf_learns_a_planted_bias():
     assert user_bias[generous].mean() > user_bias[strict].mean()
     clipped = model.predict(np.zeros(20, np.int64), np.arange(20))
     assert clipped.min() >= 1.0 and clipped.max() <= 5.0
+
+    # As the hint regressor: the same fit, its RMSE, no full-ranking evaluation.
+    hint = train_model("biasedmf", split, quick_settings(), rank_evaluation=False)
+    assert hint.metrics == {"valid": {"rmse": result.metrics["valid"]["rmse"]}, "test": {}}
+    assert "ndcg@10" in result.metrics["valid"] and "ndcg@10" in result.metrics["test"]
     assert 0 < result.metrics["valid"]["rmse"] < 0.8  # noise alone gives ~0.45 after rounding
 
 
