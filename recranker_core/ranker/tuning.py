@@ -159,22 +159,34 @@ def sample_training_users(ctx: BaseContext, settings: Settings) -> Any:
 def base_candidates(
     ctx: BaseContext, users: npt.NDArray[np.int64], target: str, n: int
 ) -> npt.NDArray[np.int64]:
-    """The base model's top-n items per user for `target`, the protocol's exclusions applied."""
+    """The base model's top-n items per user for `target`, the protocol's exclusions applied;
+    users are scored in blocks sized like the full-ranking evaluation's."""
+    from recranker_core.base.evaluate import SCORE_BLOCK_ELEMENTS, _excluded
+
     out = np.empty((users.size, n), dtype=np.int64)
     sequences = ctx.data.sequences_for(target)
-    for row, user in enumerate(users.tolist()):
+    held_out = ctx.data.valid_item if target == "valid" else ctx.data.test_item
+    step = max(1, min(1024, SCORE_BLOCK_ELEMENTS // max(1, ctx.data.n_items)))
+    for start in range(0, users.size, step):
+        batch = users[start : start + step]
         if hasattr(ctx.model, "sequence_scores"):
-            raw = np.array(ctx.model.sequence_scores(np.array([user]), sequences), np.float64)[0]
+            raw = np.array(ctx.model.sequence_scores(batch, sequences), dtype=np.float64)
         else:
-            raw = np.array(ctx.model.full_scores(np.array([user])), dtype=np.float64)[0]
+            raw = np.array(ctx.model.full_scores(batch), dtype=np.float64)
         scores = raw.copy()
-        scores[ctx.data.seen(user, target)] = -np.inf
-        held = ctx.data.valid_item[user] if target == "valid" else ctx.data.test_item[user]
+        rows, cols = _excluded(ctx.data, batch, target)
+        scores[rows, cols] = -np.inf
         # The held-out item is never excluded, even if an earlier interaction named it.
-        scores[held] = raw[held]
-        top = np.argpartition(-scores, n - 1)[:n]
-        out[row] = top[np.argsort(-scores[top], kind="stable")]
+        has = np.flatnonzero(held_out[batch] >= 0)
+        scores[has, held_out[batch][has]] = raw[has, held_out[batch][has]]
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        out[start : start + batch.size] = np.take_along_axis(top, order, axis=1)
     return out
+
+
+# Evaluable users whose base candidates are computed to choose the validation users from.
+VALIDATION_SCAN_USERS = 20_000
 
 
 @dataclass
@@ -196,8 +208,16 @@ def validation_set(
 ) -> ValidationSet:
     n = settings.retrain.candidates
     evaluable = ctx.data.evaluable_users().astype(np.int64)
+    all_evaluable = int(evaluable.size)
     if evaluable.size == 0:
         raise DataError("no evaluable users (3 likes each) to validate the ranker on")
+    if evaluable.size > VALIDATION_SCAN_USERS:
+        # Validation users are drawn among those whose item is a candidate: a seeded sample
+        # of the evaluable users is enough to find them and to estimate the hit share.
+        scan = np.random.default_rng(settings.tune.seed).choice(
+            evaluable, size=VALIDATION_SCAN_USERS, replace=False
+        )
+        evaluable = np.sort(scan)
     cands = base_candidates(ctx, evaluable, "valid", n)
     hit = cands == ctx.data.valid_item[evaluable][:, None]
     hits = np.flatnonzero(hit.any(axis=1))
@@ -222,7 +242,11 @@ def validation_set(
         prompts,
         rank_metrics(base_ranks, DEFAULT_KS),
         float(hits.size / evaluable.size),
-        {"evaluable": int(evaluable.size), "with_item_in_candidates": int(hits.size)},
+        {
+            "evaluable": all_evaluable,
+            "scanned": int(evaluable.size),
+            "with_item_in_candidates": int(hits.size),
+        },
     )
 
 
