@@ -34,6 +34,8 @@ from typing import Any
 
 log = logging.getLogger("bench-scale")
 
+STAGES = ("ingest", "split", "train", "tune", "rank")
+
 # A tiny backbone's tuning settings: the adapter only has to exist; this is a cost benchmark.
 TINY_ENV = {
     "RECRANKER_SAMPLING__USERS": "24",
@@ -145,6 +147,11 @@ def main() -> None:
     parser.add_argument(
         "--dask-size", type=int, default=1, help="The size multiple ranked on Dask too (0: none)."
     )
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="Stages to run, in order (tune needs train; rank needs train and tune).",
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the databases.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
@@ -152,6 +159,13 @@ def main() -> None:
     if args.stage:
         print(json.dumps(run_stage(args.stage, args)))
         return
+    stages = [st for st in args.stages.split(",") if st]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    for later, needs in (("tune", ("train",)), ("rank", ("train", "tune"))):
+        if later in stages and not set(needs) <= set(stages):
+            parser.error(f"stage {later} needs {' and '.join(needs)} in --stages")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import psycopg
@@ -209,24 +223,32 @@ def main() -> None:
                 "interactions": n,
                 "generate_s": round(generate_s, 1),
             }
-            for stage in ("ingest", "split", "train", "tune", "rank"):
-                extra = ["--file", str(files.interactions)] if stage == "ingest" else None
-                row[stage] = child(stage, env, extra)
+            rows.append(row)
+            for stage in STAGES:
+                if stage in stages or (stage == "ingest" and stages):
+                    extra = ["--file", str(files.interactions)] if stage == "ingest" else None
+                    row[stage] = child(stage, env, extra)
+                    save(args, rows, dask)
             if factor == args.dask_size:
                 dask_env = {
                     **env,
                     "RECRANKER_RUNNER__KIND": "dask",
                     "RECRANKER_RUNNER__WORKERS": str(args.dask_workers),
                 }
-                on_dask = child("rank", dask_env)
-                dask = {"size": factor, "threads": row["rank"], "dask": on_dask}
-            rows.append(row)
+                if "rank" in stages:
+                    on_dask = child("rank", dask_env)
+                    dask = {"size": factor, "threads": row["rank"], "dask": on_dask}
+                    save(args, rows, dask)
         finally:
             if not args.keep:
                 with psycopg.connect(admin, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     report(rows, dask, args)
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]], dask: dict[str, Any] | None) -> None:
+    """The results so far (after every stage, so an interrupted run keeps what it measured)."""
     if args.json:
         payload = {"rows": rows, "dask": dask, "machine": machine(), "date": today()}
         args.json.write_text(json.dumps(payload, indent=2))
@@ -276,10 +298,15 @@ def report(rows: list[dict[str, Any]], dask: dict[str, Any] | None, args: Any) -
         ("rank", "candidates_s", "- candidates, shard-seconds"),
         ("rank", "llm_s", f"- LLM, {args.sample_users:,} users, shard-seconds"),
     ):
-        values = [r[stage].get(key) for r in rows]
-        ratios = growth([r[stage] for r in rows], key)[1:]
+        if not any(stage in r for r in rows):
+            continue
+        measured = [r.get(stage, {}) for r in rows]
+        values = [m.get(key, "-") for m in measured]
+        ratios = growth(measured, key)[1:]
         rss = (
-            ", ".join(str(round(r[stage]["peak_rss_mb"])) for r in rows) if key == "seconds" else ""
+            ", ".join(str(round(m["peak_rss_mb"])) if m else "-" for m in measured)
+            if key == "seconds"
+            else ""
         )
         print(
             f"| {label} | "
