@@ -125,6 +125,13 @@ class BaseTrainSettings(BaseModel):
     eval_every: int = Field(
         1, ge=1, description="Epochs between validation evaluations (early stopping)."
     )
+    eval_max_users: int | None = Field(
+        None,
+        ge=1,
+        description="Early stopping and the registered HR/NDCG on a seeded random sample of this "
+        "many evaluable users (full ranking costs users x items; large catalogues want a "
+        "sample). Unset: every evaluable user (METHOD.md's protocol).",
+    )
     mf: BPRSettings = Field(default_factory=lambda: BPRSettings())
     lightgcn: LightGCNSettings = Field(default_factory=lambda: LightGCNSettings())
     sasrec: SASRecSettings = Field(default_factory=lambda: SASRecSettings())

@@ -81,12 +81,26 @@ def evaluate_scores(
     ks: Iterable[int] = DEFAULT_KS,
     *,
     test_score_fn: ScoreFn | None = None,
+    users: npt.NDArray[np.int64] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{"valid": {"hr@3": ..}, "test": {...}} over all evaluable users. `test_score_fn`, when
-    given, scores for the test item (a sequence model reading the validation like too)."""
+    """{"valid": {"hr@3": ..}, "test": {...}} over `users` (default: all evaluable users).
+    `test_score_fn`, when given, scores for the test item (a sequence model reading the
+    validation like too)."""
     ks = tuple(ks)
     fns = {"valid": score_fn, "test": test_score_fn or score_fn}
     return {
-        target: rank_metrics(target_ranks(fns[target], data, target), ks)
+        target: rank_metrics(target_ranks(fns[target], data, target, users), ks)
         for target in ("valid", "test")
     }
+
+
+def sample_evaluable_users(
+    data: SplitData, max_users: int | None, seed: int
+) -> npt.NDArray[np.int64] | None:
+    """A seeded random `max_users` of the evaluable users (sorted), or None (all of them) when
+    unset or when there are not more than that."""
+    users = data.evaluable_users()
+    if max_users is None or users.size <= max_users:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(users, size=max_users, replace=False)).astype(np.int64)

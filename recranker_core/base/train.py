@@ -74,6 +74,8 @@ def train_model(
     hyper: dict[str, Any] = {"seed": settings.seed}
     if kind != "mostpop":
         hyper |= {"embedding_dim": settings.embedding_dim, **getattr(settings, kind).model_dump()}
+    if settings.eval_max_users is not None:
+        hyper["eval_max_users"] = settings.eval_max_users
 
     test_fn = None
     if kind == "sasrec" and data.test_sequences is not None:
@@ -84,7 +86,9 @@ def train_model(
             return model.sequence_scores(users, test_sequences)
 
     metrics = (
-        evaluate_scores(model.full_scores, data, test_score_fn=test_fn)
+        evaluate_scores(
+            model.full_scores, data, test_score_fn=test_fn, users=evaluation_users(data, settings)
+        )
         if rank_evaluation
         else {"valid": {}, "test": {}}
     )
@@ -132,12 +136,22 @@ def check_trainable(kind: str, data: SplitData, settings: BaseTrainSettings) -> 
             )
 
 
-def valid_ndcg10(model: BaseRecommender, data: SplitData) -> float:
+def evaluation_users(data: SplitData, settings: BaseTrainSettings) -> npt.NDArray[np.int64] | None:
+    """The users early stopping and the reported metrics read: all evaluable users, or the
+    seeded sample of `base.eval_max_users` (the same sample for every model of a run)."""
+    from recranker_core.base.evaluate import sample_evaluable_users
+
+    return sample_evaluable_users(data, settings.eval_max_users, settings.seed)
+
+
+def valid_ndcg10(
+    model: BaseRecommender, data: SplitData, users: npt.NDArray[np.int64] | None = None
+) -> float:
     """NDCG@10 of the validation items: the early-stopping criterion."""
     from recranker_core.base.evaluate import target_ranks
     from recranker_core.metrics import ndcg
 
-    return ndcg(target_ranks(model.full_scores, data, "valid"), 10)
+    return ndcg(target_ranks(model.full_scores, data, "valid", users), 10)
 
 
 class EarlyStopping:
@@ -230,7 +244,7 @@ def fit_bpr(
             continue
         if isinstance(model, LightGCN):
             model.finalize()
-        score = valid_ndcg10(model, data)
+        score = valid_ndcg10(model, data, evaluation_users(data, settings))
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score})
         log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f", kind, epoch, np.mean(losses), score)
         stopper.update(epoch, score, model)
@@ -304,7 +318,7 @@ def fit_sasrec(
         # 2. evaluate on the validation items, keep the best state, maybe stop
         if epoch % settings.eval_every and epoch != cfg.epochs:
             continue
-        score = valid_ndcg10(model, data)
+        score = valid_ndcg10(model, data, evaluation_users(data, settings))
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score})
         log.info("sasrec epoch %d: loss %.4f, valid NDCG@10 %.4f", epoch, np.mean(losses), score)
         stopper.update(epoch, score, model)

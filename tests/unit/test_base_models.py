@@ -207,3 +207,31 @@ def test_early_stopping_restores_the_best_epoch(data: SplitData):
     # ... and the returned model is the best epoch's, not the last one's.
     assert valid_ndcg10(result.model, data) == pytest.approx(scores[best], abs=1e-12)
     assert result.metrics["valid"]["ndcg@10"] == pytest.approx(scores[best], abs=1e-12)
+
+
+def test_eval_max_users_measures_a_seeded_sample_of_the_evaluable_users(data: SplitData) -> None:
+    from recranker_core.base.evaluate import (
+        evaluate_scores,
+        sample_evaluable_users,
+        target_ranks,
+    )
+    from recranker_core.base.train import train_model
+    from recranker_core.metrics import rank_metrics
+
+    n = 7
+    sample = sample_evaluable_users(data, n, seed=0)
+    assert sample is not None and sample.size == n and np.all(np.diff(sample) > 0)
+    assert set(sample.tolist()) <= set(data.evaluable_users().tolist())
+    np.testing.assert_array_equal(sample, sample_evaluable_users(data, n, seed=0))
+    assert sample_evaluable_users(data, data.evaluable_users().size, seed=0) is None
+
+    result = train_model("mf", data, quick_settings(eval_max_users=n, seed=0))
+    assert result.hyperparameters["eval_max_users"] == n
+    # The registered metrics are those of the sample: the same model measured on it by hand.
+    by_hand = evaluate_scores(result.model.full_scores, data, users=sample)
+    assert result.metrics == by_hand
+    ranks = target_ranks(result.model.full_scores, data, "test", sample)
+    assert by_hand["test"] == rank_metrics(ranks)
+    assert result.metrics["valid"]["hr@10"] * n == pytest.approx(
+        round(result.metrics["valid"]["hr@10"] * n)
+    )
