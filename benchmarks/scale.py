@@ -46,6 +46,9 @@ TINY_ENV = {
     "RECRANKER_TUNE__VALID_USERS": "8",
     # The pointwise hint's rating regressor, trained by the tuning run: two epochs do here.
     "RECRANKER_BASE__BIASEDMF__EPOCHS": "2",
+    # Full-ranking evaluation costs users x items, which grows 4x per doubling; the train stage
+    # measures a retrain as it would be configured at this scale: a 20,000-user sample.
+    "RECRANKER_BASE__EVAL_MAX_USERS": "20000",
 }
 
 
