@@ -45,7 +45,7 @@ def target_ranks(
         scores = np.array(score_fn(batch), copy=True)
         if not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float64)
-        rows, cols = _excluded(data, batch, target)
+        rows, cols = excluded_cells(data, batch, target)
         scores[rows, cols] = -np.inf
         targets = held_out[batch]
         target_scores = scores[np.arange(batch.size), targets]
@@ -57,9 +57,10 @@ def target_ranks(
     return ranks
 
 
-def _excluded(
+def excluded_cells(
     data: SplitData, users: npt.NDArray[np.int64], target: str
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+    """(row, item) of every item excluded for `target`, rows indexing `users`."""
     if target == "valid":
         indptr, indices = data.seen_valid_indptr, data.seen_valid_indices
     else:

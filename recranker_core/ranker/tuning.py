@@ -161,7 +161,7 @@ def base_candidates(
 ) -> npt.NDArray[np.int64]:
     """The base model's top-n items per user for `target`, the protocol's exclusions applied;
     users are scored in blocks sized like the full-ranking evaluation's."""
-    from recranker_core.base.evaluate import SCORE_BLOCK_ELEMENTS, _excluded
+    from recranker_core.base.evaluate import SCORE_BLOCK_ELEMENTS, excluded_cells
 
     out = np.empty((users.size, n), dtype=np.int64)
     sequences = ctx.data.sequences_for(target)
@@ -174,7 +174,7 @@ def base_candidates(
         else:
             raw = np.array(ctx.model.full_scores(batch), dtype=np.float64)
         scores = raw.copy()
-        rows, cols = _excluded(ctx.data, batch, target)
+        rows, cols = excluded_cells(ctx.data, batch, target)
         scores[rows, cols] = -np.inf
         # The held-out item is never excluded, even if an earlier interaction named it.
         has = np.flatnonzero(held_out[batch] >= 0)
