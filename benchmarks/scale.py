@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -171,6 +172,8 @@ def main() -> None:
             parser.error(f"stage {later} needs {' and '.join(needs)} in --stages")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # A stopped run (kill, Ctrl-C) still drops its database: SIGTERM unwinds like an exception.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import psycopg
 
     from recranker_core.config import load_settings
