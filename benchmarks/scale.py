@@ -288,8 +288,7 @@ def report(rows: list[dict[str, Any]], dask: dict[str, Any] | None, args: Any) -
     print(
         "\n| stage | "
         + " | ".join(f"{s} s" for s in sizes)
-        + " | "
-        + " | ".join(steps)
+        + "".join(f" | {step}" for step in steps)
         + " | peak RSS MB ("
         + ", ".join(sizes)
         + ") |"
@@ -317,8 +316,7 @@ def report(rows: list[dict[str, Any]], dask: dict[str, Any] | None, args: Any) -
         print(
             f"| {label} | "
             + " | ".join(str(v) for v in values)
-            + " | "
-            + " | ".join(ratios)
+            + "".join(f" | {ratio}" for ratio in ratios)
             + f" | {rss} |"
         )
     if dask:
