@@ -3,7 +3,7 @@ score every item, drop the items the protocol excludes, and find the held-out it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +14,7 @@ from recranker_core.metrics import DEFAULT_KS, rank_metrics
 # Scores of all items for a batch of user indices: shape (len(users), n_items).
 ScoreFn = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.floating]]
 
-# Scores held at once by target_ranks: 16M (64 MB in float32), e.g. 160 users x 100k items.
+# Scores held at once by a block of users: 16M (64 MB in float32), e.g. 160 users x 100k items.
 SCORE_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -29,32 +29,52 @@ def target_ranks(
 
     Ties count against the held-out item (pessimistic): a scorer gets no credit for failing to
     separate items, and a constant scorer ranks every held-out item last. Users are scored
-    `batch_size` at a time (default: as many as keep one batch's score matrix near
-    SCORE_BLOCK_ELEMENTS, so memory does not grow with the catalogue).
+    `batch_size` at a time (default: users_per_block).
     """
     if target not in ("valid", "test"):
         raise ValueError(f"target must be 'valid' or 'test', not {target!r}")
     held_out = data.valid_item if target == "valid" else data.test_item
     users = data.evaluable_users() if users is None else users
-    if batch_size is None:
-        batch_size = max(1, min(1024, SCORE_BLOCK_ELEMENTS // max(1, data.n_items)))
     ranks = np.empty(users.size, dtype=np.int64)
-    for start in range(0, users.size, batch_size):
-        batch = users[start : start + batch_size]
-        # The scorer's own float type: comparisons are exact in it, and float32 halves memory.
-        scores = np.array(score_fn(batch), copy=True)
-        if not np.issubdtype(scores.dtype, np.floating):
-            scores = scores.astype(np.float64)
-        rows, cols = excluded_cells(data, batch, target)
-        scores[rows, cols] = -np.inf
-        targets = held_out[batch]
-        target_scores = scores[np.arange(batch.size), targets]
-        # The held-out item itself is never excluded, even if an earlier interaction named it.
-        scores[np.arange(batch.size), targets] = target_scores
+    for start, batch, scores in masked_score_blocks(score_fn, data, target, users, batch_size):
+        target_scores = scores[np.arange(batch.size), held_out[batch]]
         higher = (scores > target_scores[:, None]).sum(axis=1)
         ties = (scores == target_scores[:, None]).sum(axis=1) - 1  # minus the item itself
         ranks[start : start + batch.size] = higher + ties
     return ranks
+
+
+def users_per_block(n_items: int) -> int:
+    """Users scored at once so that a block holds about SCORE_BLOCK_ELEMENTS scores (at most
+    1,024 users): memory does not grow with the catalogue."""
+    return max(1, min(1024, SCORE_BLOCK_ELEMENTS // max(1, n_items)))
+
+
+def masked_score_blocks(
+    score_fn: ScoreFn,
+    data: SplitData,
+    target: str,
+    users: npt.NDArray[np.int64],
+    batch_size: int | None = None,
+) -> Iterator[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.floating]]]:
+    """(offset into `users`, the block's users, their scores of every item) block by block,
+    every item excluded for `target` at -inf except each user's held-out item (where the user
+    has one), which keeps its score even if an earlier interaction named it. Scores stay in the
+    scorer's float type: comparisons are exact in it, and float32 halves memory."""
+    held_out = data.valid_item if target == "valid" else data.test_item
+    step = batch_size or users_per_block(data.n_items)
+    for start in range(0, users.size, step):
+        batch = users[start : start + step]
+        scores = np.array(score_fn(batch), copy=True)
+        if not np.issubdtype(scores.dtype, np.floating):
+            scores = scores.astype(np.float64)
+        rows = np.flatnonzero(held_out[batch] >= 0)
+        items = held_out[batch][rows]
+        kept = scores[rows, items]
+        excluded_rows, excluded_items = excluded_cells(data, batch, target)
+        scores[excluded_rows, excluded_items] = -np.inf
+        scores[rows, items] = kept
+        yield start, batch, scores
 
 
 def excluded_cells(

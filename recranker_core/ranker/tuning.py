@@ -159,26 +159,19 @@ def sample_training_users(ctx: BaseContext, settings: Settings) -> Any:
 def base_candidates(
     ctx: BaseContext, users: npt.NDArray[np.int64], target: str, n: int
 ) -> npt.NDArray[np.int64]:
-    """The base model's top-n items per user for `target`, the protocol's exclusions applied;
-    users are scored in blocks sized like the full-ranking evaluation's."""
-    from recranker_core.base.evaluate import SCORE_BLOCK_ELEMENTS, excluded_cells
+    """The base model's top-n items per user for `target`, the protocol's exclusions applied
+    (the held-out item kept), scored in blocks like the full-ranking evaluation."""
+    from recranker_core.base.evaluate import ScoreFn, masked_score_blocks
+
+    score_fn: ScoreFn = ctx.model.full_scores
+    if hasattr(ctx.model, "sequence_scores"):
+        sequences = ctx.data.sequences_for(target)
+
+        def score_fn(batch: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
+            return ctx.model.sequence_scores(batch, sequences)
 
     out = np.empty((users.size, n), dtype=np.int64)
-    sequences = ctx.data.sequences_for(target)
-    held_out = ctx.data.valid_item if target == "valid" else ctx.data.test_item
-    step = max(1, min(1024, SCORE_BLOCK_ELEMENTS // max(1, ctx.data.n_items)))
-    for start in range(0, users.size, step):
-        batch = users[start : start + step]
-        if hasattr(ctx.model, "sequence_scores"):
-            raw = np.array(ctx.model.sequence_scores(batch, sequences), dtype=np.float64)
-        else:
-            raw = np.array(ctx.model.full_scores(batch), dtype=np.float64)
-        scores = raw.copy()
-        rows, cols = excluded_cells(ctx.data, batch, target)
-        scores[rows, cols] = -np.inf
-        # The held-out item is never excluded, even if an earlier interaction named it.
-        has = np.flatnonzero(held_out[batch] >= 0)
-        scores[has, held_out[batch][has]] = raw[has, held_out[batch][has]]
+    for start, batch, scores in masked_score_blocks(score_fn, ctx.data, target, users):
         top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
         order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
         out[start : start + batch.size] = np.take_along_axis(top, order, axis=1)

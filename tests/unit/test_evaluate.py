@@ -79,3 +79,23 @@ def test_ranks_do_not_depend_on_the_batch_or_the_float_type(monkeypatch):
     np.testing.assert_array_equal(target_ranks(score64, data, "test"), expected)
     np.testing.assert_array_equal(target_ranks(score32, data, "test"), expected)
     np.testing.assert_array_equal(target_ranks(score32, data, "test", batch_size=3), expected)
+
+
+def test_held_out_item_seen_earlier_keeps_its_score():
+    # u rated c 3 stars before liking it: c is in the validation exclusions and is the
+    # validation item. The exclusions must not hide it: its own score ranks it.
+    rows = [
+        ("u", "a", 5, 1),
+        ("u", "c", 3, 2),
+        ("u", "b", 5, 3),
+        ("u", "c", 5, 4),
+        ("u", "d", 5, 5),
+        ("v", "e", 5, 1),
+    ]
+    users, items, ratings, ts = zip(*rows, strict=True)
+    data = build_split(users, items, ratings, ts)
+    u = data.user_ids.index("u")
+    c = data.item_ids.index("c")
+    assert data.valid_item[u] == c and c in data.seen(u, "valid")
+    score = fixed({"a": 0.0, "b": 0.0, "c": 9.0, "d": 1.0, "e": 2.0}, data)
+    assert list(target_ranks(score, data, "valid")) == [0]
