@@ -56,6 +56,7 @@ def train_model(
     check_trainable(kind, data, settings)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    eval_users = evaluation_users(data, settings)
 
     start = time.perf_counter()
     model: Any
@@ -65,9 +66,9 @@ def train_model(
 
         model, best_epoch, history = MostPop.from_split(data), 0, []
     elif kind in ("mf", "lightgcn"):
-        model, best_epoch, history = fit_bpr(kind, data, settings, rng)
+        model, best_epoch, history = fit_bpr(kind, data, settings, rng, eval_users)
     elif kind == "sasrec":
-        model, best_epoch, history = fit_sasrec(data, settings, rng)
+        model, best_epoch, history = fit_sasrec(data, settings, rng, eval_users)
     else:
         model, best_epoch, history = fit_biasedmf(data, settings, rng)
     seconds = time.perf_counter() - start
@@ -86,9 +87,7 @@ def train_model(
             return model.sequence_scores(users, test_sequences)
 
     metrics = (
-        evaluate_scores(
-            model.full_scores, data, test_score_fn=test_fn, users=evaluation_users(data, settings)
-        )
+        evaluate_scores(model.full_scores, data, test_score_fn=test_fn, users=eval_users)
         if rank_evaluation
         else {"valid": {}, "test": {}}
     )
@@ -206,7 +205,11 @@ def sample_bpr_triples(
 
 
 def fit_bpr(
-    kind: str, data: SplitData, settings: BaseTrainSettings, rng: np.random.Generator
+    kind: str,
+    data: SplitData,
+    settings: BaseTrainSettings,
+    rng: np.random.Generator,
+    eval_users: npt.NDArray[np.int64] | None = None,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """MF or LightGCN with BPR: each epoch, one negative per train like; Adam."""
     import torch
@@ -244,7 +247,7 @@ def fit_bpr(
             continue
         if isinstance(model, LightGCN):
             model.finalize()
-        score = valid_ndcg10(model, data, evaluation_users(data, settings))
+        score = valid_ndcg10(model, data, eval_users)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score})
         log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f", kind, epoch, np.mean(losses), score)
         stopper.update(epoch, score, model)
@@ -279,7 +282,10 @@ def sequence_windows(
 
 
 def fit_sasrec(
-    data: SplitData, settings: BaseTrainSettings, rng: np.random.Generator
+    data: SplitData,
+    settings: BaseTrainSettings,
+    rng: np.random.Generator,
+    eval_users: npt.NDArray[np.int64] | None = None,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """SASRec with next-item cross-entropy over all items at every position; AdamW."""
     import torch
@@ -318,7 +324,7 @@ def fit_sasrec(
         # 2. evaluate on the validation items, keep the best state, maybe stop
         if epoch % settings.eval_every and epoch != cfg.epochs:
             continue
-        score = valid_ndcg10(model, data, evaluation_users(data, settings))
+        score = valid_ndcg10(model, data, eval_users)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score})
         log.info("sasrec epoch %d: loss %.4f, valid NDCG@10 %.4f", epoch, np.mean(losses), score)
         stopper.update(epoch, score, model)
