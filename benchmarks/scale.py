@@ -261,15 +261,9 @@ def save(args: argparse.Namespace, rows: list[dict[str, Any]], dask: dict[str, A
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+    from base_models import cpu_model  # benchmarks/ is on sys.path when run as a script
+
+    return f"{os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}"
 
 
 def today() -> str:
