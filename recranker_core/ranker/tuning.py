@@ -199,18 +199,18 @@ class ValidationSet:
 def validation_set(
     ctx: BaseContext, catalog: Catalog, hints: BaseHints, settings: Settings
 ) -> ValidationSet:
+    from recranker_core.base.evaluate import sample_evaluable_users
+
     n = settings.retrain.candidates
     evaluable = ctx.data.evaluable_users().astype(np.int64)
     all_evaluable = int(evaluable.size)
     if evaluable.size == 0:
         raise DataError("no evaluable users (3 likes each) to validate the ranker on")
-    if evaluable.size > VALIDATION_SCAN_USERS:
-        # Validation users are drawn among those whose item is a candidate: a seeded sample
-        # of the evaluable users is enough to find them and to estimate the hit share.
-        scan = np.random.default_rng(settings.tune.seed).choice(
-            evaluable, size=VALIDATION_SCAN_USERS, replace=False
-        )
-        evaluable = np.sort(scan)
+    # Validation users are drawn among those whose item is a candidate: a seeded sample of the
+    # evaluable users is enough to find them and to estimate the hit share.
+    scan = sample_evaluable_users(ctx.data, VALIDATION_SCAN_USERS, settings.tune.seed)
+    if scan is not None:
+        evaluable = scan
     cands = base_candidates(ctx, evaluable, "valid", n)
     hit = cands == ctx.data.valid_item[evaluable][:, None]
     hits = np.flatnonzero(hit.any(axis=1))
