@@ -5,11 +5,16 @@ prompt tokens/s against a plain batched forward pass of the same token count (th
 this hardware), all measured in this run.
 
     python benchmarks/rank.py [--users 5 --history 50] [--backbone default|tiny|PATH]
+                              [--template rr-2]
 
 Per user: 10 candidates -> 10 pointwise + 10 pairwise (5 pairs, both orders) + 1 listwise
 prompt, built by `build_inference_prompts` from the synthetic MovieLens-shaped catalogue (see
-benchmarks/score.py). The baseline greedily generates up to 3 tokens for pointwise and pairwise
-answers and 30 for the listwise ranking, then parses them; unparseable answers are counted.
+benchmarks/score.py). Our scorer reads them in `--template` (default rr-2: the candidates in the
+shared prefix, questions of a few tokens); it is also timed on rr-1 prompts for reference. The
+baseline is the published layout (rr-1: every prompt carries its own items and hint, the same
+draws of history, pairs and order), greedily generating up to 3 tokens for pointwise and
+pairwise answers and 30 for the listwise ranking, then parsing them; unparseable answers are
+counted.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument(
         "--adapter", default=None, help="A LoRA adapter directory applied to both scorers."
     )
+    parser.add_argument("--template", default="rr-2", choices=["rr-1", "rr-2"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,18 +102,29 @@ def main() -> None:
             model = PeftModel.from_pretrained(model, args.adapter).eval()
             name += f" + adapter {args.adapter}"
         device = next(model.parameters()).device
-        settings = PromptSettings(history_max=args.history, pairwise_pairs=5)
-        entries = build_entries(Path(tmp) / "data", args.users, args.candidates, settings)
+        built = {
+            template: build_entries(
+                Path(tmp) / "data",
+                args.users,
+                args.candidates,
+                PromptSettings(history_max=args.history, pairwise_pairs=5, template=template),
+            )
+            for template in {args.template, "rr-1"}
+        }
+        entries, published = built[args.template], built["rr-1"]
         score_users(model, tokenizer, entries[:1], batch_size=args.batch_size)  # warm-up
 
-        start = time.perf_counter()
-        scored = score_users(model, tokenizer, entries, batch_size=args.batch_size)
-        ours = time.perf_counter() - start
-        our_tokens = sum(s.prompt_tokens for s in scored)
+        def timed(work: list[Any]) -> tuple[float, int]:
+            start = time.perf_counter()
+            scored = score_users(model, tokenizer, work, batch_size=args.batch_size)
+            return time.perf_counter() - start, sum(s.prompt_tokens for s in scored)
+
+        ours, our_tokens = timed(entries)
+        reference = timed(published) if args.template != "rr-1" else None
 
         start = time.perf_counter()
         base_tokens, failures = 0, 0
-        for _, _, prompts in entries:
+        for _, _, prompts in published:
             t, f = generate_and_parse(model, tokenizer, prompts)
             base_tokens += t
             failures += f
@@ -124,11 +141,16 @@ def main() -> None:
     print("| scorer | users/s | s/user | prompt tokens/user |")
     print("|---|---|---|---|")
     print(
-        f"| ours (verbalizer, prefix cache) | {n / ours:.3f} | {ours / n:.2f} | "
+        f"| ours (verbalizer, prefix cache, {args.template}) | {n / ours:.3f} | {ours / n:.2f} | "
         f"{our_tokens / n:,.0f} |"
     )
+    if reference is not None:
+        print(
+            f"| ours on rr-1 prompts (reference) | {n / reference[0]:.3f} | "
+            f"{reference[0] / n:.2f} | {reference[1] / n:,.0f} |"
+        )
     print(
-        f"| generate + parse (published way) | {n / baseline:.3f} | {baseline / n:.2f} | "
+        f"| generate + parse (published way, rr-1) | {n / baseline:.3f} | {baseline / n:.2f} | "
         f"{base_tokens / n:,.0f} |"
     )
     print(

@@ -34,6 +34,8 @@ def evaluate_ranker_flow(
     database_url = resolve_database(settings)
     ctx = load_base_task(database_url, settings)
     ranker = load_ranker_task(database_url, settings)
+    if ranker is not None:
+        settings = ranker.settings_for(settings)
     if ranker is None:
         raise ConfigError("no champion adapter to evaluate: run `recranker tune` first")
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)

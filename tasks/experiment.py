@@ -46,6 +46,7 @@ def evaluate_objective_task(
     ranker = load_ranker(database_url, store_for(settings), settings, record)
     if ranker is None:  # load_ranker returns None only without any adapter
         raise ConfigError(f"adapter {record.adapter_id} could not be loaded")
+    settings = ranker.settings_for(settings)
     hints = BaseHints(ctx)
     report, scored = evaluate(
         ctx,

@@ -57,7 +57,7 @@ def build_dataset_task(
     ctx: BaseContext, sample: Any, settings: Settings, database_url: str
 ) -> tuple[list[Any], dict[str, int], str, Any]:
     """Three-task prompts of the sampled users, written as JSONL to S3 with a manifest."""
-    from recranker_core.ranker.prompts import TEMPLATE_VERSION, Catalog, build_training_prompts
+    from recranker_core.ranker.prompts import Catalog, build_training_prompts
     from recranker_core.ranker.tuning import BaseHints, write_dataset
 
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)
@@ -69,14 +69,14 @@ def build_dataset_task(
     stored = write_dataset(
         prompts,
         {
-            "template_version": TEMPLATE_VERSION,
+            "template_version": settings.prompts.template,
             "base_model_id": ctx.model_id,
             "data_watermark": ctx.data.watermark.isoformat() if ctx.data.watermark else None,
             "sampling": sample.counts,
             "prompts": counts,
         },
         store_for(settings),
-        f"datasets/{stamp}-{TEMPLATE_VERSION}",
+        f"datasets/{stamp}-{settings.prompts.template}",
     )
     get_run_logger().info("%d prompts %s -> %s", len(prompts), counts, stored.uri)
     return prompts, counts, stored.uri, catalog
@@ -96,7 +96,7 @@ def start_adapter_task(database_url: str, settings: Settings) -> AdapterRecord |
 
     if settings.tune.objective != "dmpo":
         return None
-    record = sft_start_adapter(database_url)
+    record = sft_start_adapter(database_url, settings.prompts.template)
     get_run_logger().info("DMPO starts from %s (%s)", record.label, record.artifact_uri)
     return record
 
@@ -119,7 +119,7 @@ def tune_adapter_task(
     is registered under that label and left a candidate (no gate, no promotion)."""
 
     from recranker_core.ranker.backbone import load_backbone
-    from recranker_core.ranker.prompts import TEMPLATE_VERSION, verbalizer_ids
+    from recranker_core.ranker.prompts import verbalizer_ids
     from recranker_core.ranker.tune import OBJECTIVES, encode_for, tune
     from recranker_core.ranker.tuning import (
         BaseHints,
@@ -181,7 +181,7 @@ def tune_adapter_task(
             "objective": objective,
             "backbone_id": backbone.backbone_id,
             "backbone_hash": backbone.backbone_hash,
-            "template_version": TEMPLATE_VERSION,
+            "template_version": settings.prompts.template,
             "base_model_id": ctx.model_id,
             "data_watermark": ctx.data.watermark.isoformat() if ctx.data.watermark else None,
             "sampled_users": int(len(sample.users)),

@@ -41,6 +41,21 @@ class Ranker:
     backbone_id: str
     device: str
 
+    def settings_for(self, settings: Any) -> Any:
+        """`settings` with the prompt template this adapter was tuned with: its wording is the
+        one it scores (`RECRANKER_PROMPTS__TEMPLATE` only chooses the template of new tuning)."""
+        template = self.adapter.template_version
+        if settings.prompts.template == template:
+            return settings
+        log.info(
+            "adapter %s was tuned with prompt template %s: its prompts use it (configured: %s)",
+            self.adapter.adapter_id,
+            template,
+            settings.prompts.template,
+        )
+        prompts = settings.prompts.model_copy(update={"template": template})
+        return settings.model_copy(update={"prompts": prompts})
+
 
 def load_ranker(
     database_url: str, store: Any, settings: Any, record: registry.AdapterRecord | None = None
@@ -264,6 +279,7 @@ def rank_shard(
             },
         )
         tasks = TASK_MODES if rank.mode == "hybrid" else (rank.mode,)
+        prompt_settings = ranker.settings_for(settings).prompts
 
         def score(group: list[int]) -> list[Any]:
             work = [
@@ -271,7 +287,7 @@ def rank_shard(
                     u,
                     cand_idx[u],
                     build_inference_prompts(
-                        data, catalog, hints, u, cand_idx[u], "valid", settings.prompts
+                        data, catalog, hints, u, cand_idx[u], "valid", prompt_settings
                     ),
                 )
                 for u in group

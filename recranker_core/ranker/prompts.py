@@ -1,6 +1,13 @@
 """The instruction prompts of the three ranking tasks (METHOD.md section 4): one wording for tuning
 and inference, built from train-period data only, and rendered through a backbone's chat template
-with the user's history as a prefix that all of the user's prompts share."""
+with a prefix that all of the user's inference prompts share.
+
+Two templates (`PromptSettings.template`; an adapter keeps the one it was tuned with):
+- `rr-1`: the prefix is the user's history; each question repeats its candidates and hint.
+- `rr-2` (METHOD.md section 6): the prefix holds the history *and* the candidate list with the
+  conventional model's predicted ratings and order; each question is a few tokens that name
+  identifiers ("C rating?", "C over F?", "Top 3?"), so a user costs about half the tokens.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ if TYPE_CHECKING:
     from recranker_core.base.split import SplitData
     from recranker_core.config import PromptSettings
 
-TEMPLATE_VERSION = "rr-1"  # bump when wording changes; stored with datasets and adapters
+# Stored with datasets and adapters; add a new version when wording changes. TEMPLATE_VERSION is
+# the one new adapters get by default (PromptSettings.template).
+TEMPLATES = ("rr-1", "rr-2")
+TEMPLATE_VERSION = "rr-2"
 IDENTIFIERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 TASKS = ("pointwise", "pairwise", "listwise")
 
@@ -44,7 +54,14 @@ _BOUNDARY = "\x00rr-question-boundary\x00"
 _TRAIN_STREAM = 1
 _INFERENCE_STREAM = 2
 _TARGETS = ("valid", "test")
-_TOP_ASKED = re.compile(r"Which (\d+) candidates would the user like most")
+_TOP_ASKED = re.compile(r"Which (\d+) candidates would the user like most|^Top (\d+)\?")
+# rr-2: the candidate block of the shared prefix, and how its short questions are answered.
+_CANDIDATES_HEADER = "Candidates, each with a conventional model's predicted rating:\n"
+_RR2_RULES = (
+    'Answer "<letter> rating?" with a rating 1-5, "<letter> over <letter>?" with Yes if the '
+    'user would prefer the first item, else No, and "Top <n>?" with the n letters the user '
+    "would like most, best first, separated by commas.\n"
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,7 @@ class Prompt:
     label: dict[str, Any]
     history: list[int]  # item indices shown in the history
     hint: dict[str, Any] = field(default_factory=dict)
+    template: str = "rr-1"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,9 +175,11 @@ def build_training_prompts(
     counts: dict[str, int] = dict.fromkeys(TASKS, 0)
     for key in (
         "skipped_pointwise_too_few_ratings",
+        "skipped_pointwise_too_few_unseen",
         "skipped_pairwise_no_likes",
         "skipped_pairwise_no_negative",
         "skipped_pairwise_too_few_ratings",
+        "skipped_pairwise_too_few_unseen",
         "skipped_listwise_too_few_likes",
         "skipped_listwise_too_few_unseen",
         "skipped_listwise_too_few_ratings",
@@ -175,9 +195,9 @@ def build_training_prompts(
         scores = _item_scores(hints, user, data.n_items)
         shared = _Entry(user, rated, _interacted(data, user), scores)
         built = {
-            "pointwise": _train_pointwise(rng, catalog, hints, user, rated, settings),
-            "pairwise": _train_pairwise(rng, data, catalog, shared, settings),
-            "listwise": _train_listwise(rng, data, catalog, shared, settings),
+            "pointwise": _train_pointwise(rng, data, catalog, hints, shared, settings),
+            "pairwise": _train_pairwise(rng, data, catalog, hints, shared, settings),
+            "listwise": _train_listwise(rng, data, catalog, hints, shared, settings),
         }
         for task, result in built.items():
             if isinstance(result, str):
@@ -235,23 +255,37 @@ def build_inference_prompts(
         # shown at the like threshold, a lower bound of its true rating.
         rated[valid_item] = float(data.like_threshold)
     history = _pick_history(rng, list(rated), settings.history_max)
-    prefix = _history_block(catalog, history, rated)
+    block = _history_block(catalog, history, rated)
     scores = _item_scores(hints, user, data.n_items)
     predictions = _predictions(hints, user, cands)
-    prompts: list[Prompt] = []
-    for item, predicted in zip(cands, predictions, strict=True):
-        prompts.append(_pointwise(catalog, user, prefix, history, item, predicted, None))
-    for x, y in _inference_pairs(rng, len(cands), settings.pairwise_pairs):
-        for first, second in ((cands[x], cands[y]), (cands[y], cands[x])):
-            hint_first = _base_prefers(scores, first, second)
-            prompts.append(
-                _pairwise(catalog, user, prefix, history, first, second, hint_first, None)
-            )
-    if cands:
-        shown = [cands[j] for j in rng.permutation(len(cands))]
-        top = min(settings.listwise_top, len(shown))
-        base_order = _base_order(scores, shown)
-        prompts.append(_listwise(catalog, user, prefix, history, shown, base_order, top, None))
+    # Both templates draw the same pairs and listwise order for a seed: only the wording differs.
+    pairs = _inference_pairs(rng, len(cands), settings.pairwise_pairs)
+    shown = [cands[j] for j in rng.permutation(len(cands))] if cands else []
+    top = min(settings.listwise_top, len(shown))
+    base_order = _base_order(scores, shown)
+    ordered = [(cands[x], cands[y]) for x, y in pairs]
+    asked = [pair for x, y in ordered for pair in ((x, y), (y, x))]
+    if settings.template == "rr-2":
+        predicted = dict(zip(cands, predictions, strict=True))
+        layout = _Layout2(catalog, block, shown, [predicted[i] for i in shown], base_order)
+        prompts = [layout.pointwise(user, history, i, predicted[i], None) for i in cands]
+        prompts += [
+            layout.pairwise(user, history, x, y, _base_prefers(scores, x, y), None)
+            for x, y in asked
+        ]
+        if shown:
+            prompts.append(layout.listwise(user, history, top, None))
+        return prompts
+    prompts = [
+        _pointwise(catalog, user, block, history, item, predicted_item, None)
+        for item, predicted_item in zip(cands, predictions, strict=True)
+    ]
+    prompts += [
+        _pairwise(catalog, user, block, history, x, y, _base_prefers(scores, x, y), None)
+        for x, y in asked
+    ]
+    if shown:
+        prompts.append(_listwise(catalog, user, block, history, shown, base_order, top, None))
     return prompts
 
 
@@ -272,6 +306,19 @@ def reorder_listwise(prompt: Prompt, catalog: Catalog, permutation: Sequence[int
     shown = [prompt.items[j] for j in perm]
     order = prompt.label.get("order")
     ratings = prompt.label.get("ratings")
+    if prompt.template == "rr-2":
+        cut = prompt.prefix.index("\n" + _CANDIDATES_HEADER) + 1
+        predicted = [float(prompt.hint["predicted_ratings"][j]) for j in perm]
+        layout = _Layout2(
+            catalog, prompt.prefix[:cut], shown, predicted, [int(i) for i in prompt.hint["order"]]
+        )
+        return layout.listwise(
+            prompt.user,
+            prompt.history,
+            _listwise_top(prompt),
+            None if order is None else [int(i) for i in order],
+            None if ratings is None else [float(ratings[j]) for j in perm],
+        )
     return _listwise(
         catalog,
         prompt.user,
@@ -357,27 +404,59 @@ class _Entry:
 
 def _train_pointwise(
     rng: np.random.Generator,
+    data: SplitData,
     catalog: Catalog,
     hints: HintModel,
-    user: int,
-    rated: dict[int, float],
+    entry: _Entry,
     settings: PromptSettings,
 ) -> Prompt | str:
+    user, rated = entry.user, entry.rated
     items = list(rated)
     if len(items) < 2:
         return "too_few_ratings"
     target = items[int(rng.integers(len(items)))]
     history = _pick_history(rng, [i for i in items if i != target], settings.history_max)
-    (predicted,) = _predictions(hints, user, [target])
     rating = _label_rating(rated[target])
-    prefix = _history_block(catalog, history, rated)
-    return _pointwise(catalog, user, prefix, history, target, predicted, rating)
+    block = _history_block(catalog, history, rated)
+    if settings.template == "rr-2":
+        # The target among unseen items, as a candidate list at inference holds it.
+        layout = _train_layout(rng, data, catalog, hints, entry, block, [target], settings)
+        if layout is None:
+            return "too_few_unseen"
+        predicted = layout.predicted[layout.shown.index(target)]
+        return layout.pointwise(user, history, target, predicted, rating)
+    (predicted,) = _predictions(hints, user, [target])
+    return _pointwise(catalog, user, block, history, target, predicted, rating)
+
+
+def _train_layout(
+    rng: np.random.Generator,
+    data: SplitData,
+    catalog: Catalog,
+    hints: HintModel,
+    entry: _Entry,
+    block: str,
+    asked: list[int],
+    settings: PromptSettings,
+) -> _Layout2 | None:
+    """rr-2's candidate block of a pointwise or pairwise training prompt: the asked items and
+    unseen ones up to `listwise_candidates`, shuffled; None when too few items are unseen."""
+    fill = _sample_unseen(
+        rng, data.n_items, entry.interacted | set(asked), settings.listwise_candidates - len(asked)
+    )
+    if fill is None:
+        return None
+    pool = asked + fill
+    shown = [pool[j] for j in rng.permutation(len(pool))]
+    predicted = _predictions(hints, entry.user, shown)
+    return _Layout2(catalog, block, shown, predicted, _base_order(entry.scores, shown))
 
 
 def _train_pairwise(
     rng: np.random.Generator,
     data: SplitData,
     catalog: Catalog,
+    hints: HintModel,
     entry: _Entry,
     settings: PromptSettings,
 ) -> Prompt | str:
@@ -406,14 +485,20 @@ def _train_pairwise(
     liked_first = bool(rng.random() < 0.5)
     first, second = (liked, other) if liked_first else (other, liked)
     hint_first = _base_prefers(scores, first, second)
-    prefix = _history_block(catalog, history, rated)
-    return _pairwise(catalog, user, prefix, history, first, second, hint_first, liked_first)
+    block = _history_block(catalog, history, rated)
+    if settings.template == "rr-2":
+        layout = _train_layout(rng, data, catalog, hints, entry, block, [first, second], settings)
+        if layout is None:
+            return "too_few_unseen"
+        return layout.pairwise(user, history, first, second, hint_first, liked_first)
+    return _pairwise(catalog, user, block, history, first, second, hint_first, liked_first)
 
 
 def _train_listwise(
     rng: np.random.Generator,
     data: SplitData,
     catalog: Catalog,
+    hints: HintModel,
     entry: _Entry,
     settings: PromptSettings,
 ) -> Prompt | str:
@@ -442,11 +527,14 @@ def _train_listwise(
     # Best first by rating; equal ratings in a random order, so that no tie-break leaks a bias.
     ties = rng.random(len(held))
     order = [held[j] for j in sorted(range(len(held)), key=lambda j: (-rated[held[j]], ties[j]))]
-    prefix = _history_block(catalog, history, rated)
+    block = _history_block(catalog, history, rated)
     # Unseen candidates have no rating: 0, which ALRO's graded gain 2^r - 1 turns into no gain.
     ratings = [rated.get(i, 0.0) for i in shown]
     base_order = _base_order(scores, shown)
-    return _listwise(catalog, user, prefix, history, shown, base_order, k, order, ratings)
+    if settings.template == "rr-2":
+        layout = _Layout2(catalog, block, shown, _predictions(hints, user, shown), base_order)
+        return layout.listwise(user, history, k, order, ratings)
+    return _listwise(catalog, user, block, history, shown, base_order, k, order, ratings)
 
 
 # --- the wording: one per task, shared by training and inference ----------------------------
@@ -555,6 +643,102 @@ def _listwise(
         history=list(history),
         hint={"order": base_order, "identifiers": [name[i] for i in base_order]},
     )
+
+
+class _Layout2:
+    """Template rr-2: one prefix (history block, candidates with their predicted ratings, the
+    conventional model's order, how questions are answered) shared by every prompt over the
+    same candidates, and questions that only name identifiers."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        block: str,
+        shown: list[int],
+        predicted: list[float],
+        base_order: list[int],
+    ) -> None:
+        self.shown = list(shown)
+        self.predicted = list(predicted)
+        self.base_order = list(base_order)
+        self.name = {item: IDENTIFIERS[j] for j, item in enumerate(self.shown)}
+        lines = "".join(
+            f"{self.name[i]}: {catalog.describe(i)} ~ {p:.1f}\n"
+            for i, p in zip(self.shown, self.predicted, strict=True)
+        )
+        ranked = ", ".join(self.name[i] for i in self.base_order)
+        self.prefix = (
+            f"{block}{_CANDIDATES_HEADER}{lines}"
+            f"The conventional model ranks them: {ranked}.\n{_RR2_RULES}"
+        )
+
+    def _prompt(self, task: str, user: int, history: list[int], question: str, **kw: Any) -> Prompt:
+        return Prompt(
+            task=task, user=user, prefix=self.prefix, question=question,
+            history=list(history), template="rr-2", **kw,
+        )  # fmt: skip
+
+    def pointwise(
+        self, user: int, history: list[int], item: int, predicted: float, rating: int | None
+    ) -> Prompt:
+        return self._prompt(
+            "pointwise",
+            user,
+            history,
+            f"{self.name[item]} rating?",
+            answer="" if rating is None else str(rating),
+            items=[item],
+            label={} if rating is None else {"rating": rating},
+            hint={"predicted_rating": predicted},
+        )
+
+    def pairwise(
+        self,
+        user: int,
+        history: list[int],
+        first: int,
+        second: int,
+        hint_first: bool,
+        prefers_first: bool | None,
+    ) -> Prompt:
+        return self._prompt(
+            "pairwise",
+            user,
+            history,
+            f"{self.name[first]} over {self.name[second]}?",
+            answer="" if prefers_first is None else (YES if prefers_first else NO),
+            items=[first, second],
+            label={} if prefers_first is None else {"prefers_first": prefers_first},
+            hint={"prefers_first": hint_first},
+        )
+
+    def listwise(
+        self,
+        user: int,
+        history: list[int],
+        top: int,
+        order: list[int] | None,
+        ratings: list[float] | None = None,
+    ) -> Prompt:
+        label: dict[str, Any] = {}
+        if order is not None:
+            label = {"order": list(order), "identifiers": [self.name[i] for i in order]}
+            if ratings is not None:
+                label["ratings"] = list(ratings)
+        return self._prompt(
+            "listwise",
+            user,
+            history,
+            f"Top {top}?",
+            answer=", ".join(label.get("identifiers", [])),
+            items=list(self.shown),
+            label=label,
+            hint={
+                "order": self.base_order,
+                "identifiers": [self.name[i] for i in self.base_order],
+                "predicted_ratings": self.predicted,
+            },
+        )
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -669,9 +853,9 @@ def _listwise_top(prompt: Prompt) -> int:
     if found is None:
         raise DataError(
             f"the listwise prompt of user {prompt.user} asks for no number of candidates; was it "
-            f"written by this template ({TEMPLATE_VERSION})?"
+            f"written by one of this code's templates ({', '.join(TEMPLATES)})?"
         )
-    return int(found.group(1))
+    return int(found.group(1) or found.group(2))
 
 
 def _base_prefers(scores: npt.NDArray[np.floating], first: int, second: int) -> bool:

@@ -21,7 +21,7 @@ from recranker_core.config import Settings
 from recranker_core.errors import ArtifactIntegrityError, ConfigError, DataError
 from recranker_core.metrics import DEFAULT_KS, rank_metrics
 from recranker_core.ranker.prompts import (
-    TEMPLATE_VERSION,
+    TEMPLATES,
     Catalog,
     Prompt,
     build_inference_prompts,
@@ -353,22 +353,21 @@ def publish_adapter(
 _ADAPTER_LOOKBACK = 10_000
 
 
-def sft_start_adapter(database_url: str) -> registry.AdapterRecord:
+def sft_start_adapter(database_url: str, template: str) -> registry.AdapterRecord:
     """The SFT adapter a DMPO run starts from and keeps frozen as its reference: the champion
     adapter when it is an SFT adapter, else the SFT adapter that was champion most recently
-    (an ALRO or DMPO adapter may be champion now), for this code's prompt template."""
+    (an ALRO or DMPO adapter may be champion now), tuned with prompt template `template`."""
     sft = [
         a
         for a in registry.list_adapters(database_url, limit=_ADAPTER_LOOKBACK)
-        if a.objective == "sft"
-        and a.promoted_at is not None
-        and a.template_version == TEMPLATE_VERSION
+        if a.objective == "sft" and a.promoted_at is not None and a.template_version == template
     ]
     if not sft:
         raise ConfigError(
             "objective dmpo starts from a champion SFT adapter (its policy and frozen "
-            f"reference), and no SFT adapter for prompt template {TEMPLATE_VERSION} has been "
-            "champion: run `recranker tune --objective sft` first"
+            f"reference), and no SFT adapter for prompt template {template} has been "
+            "champion: run `recranker tune --objective sft` first (with the same "
+            "RECRANKER_PROMPTS__TEMPLATE)"
         )
     champion = [a for a in sft if a.status == "champion"]
     if champion:
@@ -383,7 +382,7 @@ def fetch_adapter(
     backbone_hash: str,
 ) -> Path:
     """The adapter's verified local copy; refused when built for another backbone or another
-    prompt template than this code's."""
+    prompt template than this code writes."""
     if record.backbone_hash != backbone_hash:
         raise ArtifactIntegrityError(
             f"adapter {record.adapter_id} was tuned on backbone {record.backbone_id} "
@@ -391,9 +390,10 @@ def fetch_adapter(
             f"(sha256 {backbone_hash[:12]}): set RECRANKER_BACKBONE__PATH to that backbone or "
             "tune a new adapter"
         )
-    if record.template_version != TEMPLATE_VERSION:
+    if record.template_version not in TEMPLATES:
         raise ArtifactIntegrityError(
             f"adapter {record.adapter_id} was tuned with prompt template "
-            f"{record.template_version}, this code writes {TEMPLATE_VERSION}: tune a new adapter"
+            f"{record.template_version}, this code writes {', '.join(TEMPLATES)}: tune a new "
+            "adapter"
         )
     return fetch_cached(store, record.lineage["prefix"], cache_root)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -149,13 +150,42 @@ def history_lines(prompt: Prompt) -> list[str]:
     return [line for line in prompt.prefix.splitlines() if line.startswith("- ")]
 
 
-@pytest.fixture(scope="module")
+def history_part(prompt: Prompt) -> str:
+    """The history block: rr-1's whole prefix, rr-2's prefix up to its candidate list."""
+    return prompt.prefix.split("\nCandidates, each with")[0]
+
+
+def candidate_lines(prompt: Prompt) -> dict[str, str]:
+    """Identifier -> the text of its candidate line (rr-2: the prefix; rr-1: the question)."""
+    text = prompt.prefix if prompt.template == "rr-2" else prompt.question
+    return {line[0]: line[3:] for line in text.splitlines() if re.match(r"^[A-Z]: ", line)}
+
+
+def shown_items(prompt: Prompt, data: SplitData) -> list[int]:
+    """The items of the candidate lines, in identifier order (titles are 'Film <id>#')."""
+    lines = candidate_lines(prompt)
+    return [data.item_ids.index(lines[k].split("#")[0][len("Film ") :]) for k in sorted(lines)]
+
+
+def letter_of(prompt: Prompt, data: SplitData, item: int) -> str:
+    (letter,) = [
+        k
+        for k, line in candidate_lines(prompt).items()
+        if line.startswith(f"{title_of(data.item_ids[item])} ")
+    ]
+    return letter
+
+
+@pytest.fixture(scope="module", params=["rr-1", "rr-2"])
 def training(
-    data: SplitData, catalog: Catalog, hints: PopularityHints
+    request: pytest.FixtureRequest, data: SplitData, catalog: Catalog, hints: PopularityHints
 ) -> tuple[list[Prompt], dict[str, int]]:
     # Every user drawn four times, as sampling with replacement does.
     users = np.repeat(np.arange(data.n_users, dtype=np.int64), 4)
-    return build_training_prompts(data, catalog, hints, users, PromptSettings(history_max=6))
+    settings = PromptSettings(history_max=6, template=request.param)
+    prompts, counts = build_training_prompts(data, catalog, hints, users, settings)
+    assert {p.template for p in prompts} == {request.param}
+    return prompts, counts
 
 
 def test_no_validation_or_test_period_item_reaches_a_training_prompt(
@@ -185,9 +215,9 @@ def test_held_out_items_never_in_their_prompts_history(
         assert len(prompt.history) <= 6
         assert len(history_lines(prompt)) == len(prompt.history)
         for item in prompt.items:
-            assert title_of(data.item_ids[item]) not in prompt.prefix
+            assert title_of(data.item_ids[item]) not in history_part(prompt)
         for item in prompt.history:
-            assert title_of(data.item_ids[item]) in prompt.prefix
+            assert title_of(data.item_ids[item]) in history_part(prompt)
     # Users with more ratings than history_max show a different subset per entry.
     u0 = [p.history for p in prompts if p.user == uid(data, "u0") and p.task == "pointwise"]
     assert len({tuple(sorted(h)) for h in u0}) > 1
@@ -215,7 +245,15 @@ def test_pointwise_label_is_the_true_rating_rounded_and_hint_from_train_ratings(
         assert prompt.answer == str(prompt.label["rating"])
         expected = round(float(np.clip(hints.means[target], 1, 5)), 1)
         assert prompt.hint == {"predicted_rating": expected}
-        assert f"predicts {expected:.1f}." in prompt.question
+        if prompt.template == "rr-2":
+            letter = letter_of(prompt, data, target)
+            assert prompt.question == f"{letter} rating?"
+            assert candidate_lines(prompt)[letter].endswith(f" ~ {expected:.1f}")
+            # The target among unseen items, as many as a listwise prompt shows.
+            fill = set(shown_items(prompt, data)) - {target}
+            assert len(fill) == 9 and not fill & set(data.seen(prompt.user, "test").tolist())
+        else:
+            assert f"predicts {expected:.1f}." in prompt.question
     half = [p for p in prompts if p.task == "pointwise" and p.user == uid(data, "half")]
     assert any("rated 3.5/5" in p.prefix or "rated 4.5/5" in p.prefix for p in half)
 
@@ -238,8 +276,20 @@ def test_pairwise_swap_flips_label_and_hint_with_the_shown_order(
         scores = hints.counts
         base_first = scores[x] > scores[y] or (scores[x] == scores[y] and x < y)
         assert prompt.hint == {"prefers_first": base_first}
-        assert f"prefers {'X' if base_first else 'Y'}." in prompt.question
-        assert prompt.question.startswith(f"X: {title_of(data.item_ids[x])}")
+        if prompt.template == "rr-2":
+            lx, ly = letter_of(prompt, data, x), letter_of(prompt, data, y)
+            assert prompt.question == f"{lx} over {ly}?"
+            (ranked,) = [
+                line for line in prompt.prefix.splitlines() if line.startswith("The conventional")
+            ]
+            order = ranked.split(": ")[1].rstrip(".").split(", ")
+            assert (order.index(lx) < order.index(ly)) == base_first
+            unseen = set(shown_items(prompt, data)) - {x, y}
+            assert len(unseen) == 8
+            assert not unseen & set(data.seen(prompt.user, "test").tolist())
+        else:
+            assert f"prefers {'X' if base_first else 'Y'}." in prompt.question
+            assert prompt.question.startswith(f"X: {title_of(data.item_ids[x])}")
         other = y if liked_first else x
         if other in rated:
             assert rated[other] < 4.0
@@ -276,7 +326,11 @@ def test_listwise_label_and_hint_identifiers_map_back_to_items(
         assert hint_items == prompt.hint["order"]
         assert hint_items == sorted(prompt.items, key=lambda i: (-hints.counts[i], i))
         for j, item in enumerate(prompt.items):
-            assert f"{IDENTIFIERS[j]}: {title_of(data.item_ids[item])}" in prompt.question
+            shown = candidate_lines(prompt)[IDENTIFIERS[j]]
+            assert shown.startswith(f"{title_of(data.item_ids[item])} ")
+        if prompt.template == "rr-2":
+            assert prompt.question == "Top 5?"
+            assert len(prompt.hint["predicted_ratings"]) == len(prompt.items)
 
 
 def test_inference_shuffles_change_letters_not_meaning(
@@ -315,10 +369,10 @@ def test_inference_history_valid_never_holds_the_validation_item_test_may(
             prompts = build_inference_prompts(data, catalog, hints, user, cands, target, settings)
             history = set(prompts[0].history)
             assert test not in history
-            assert title_of(data.item_ids[test]) not in prompts[0].prefix
+            assert title_of(data.item_ids[test]) not in history_part(prompts[0])
             if target == "valid":
                 assert valid not in history
-                assert title_of(data.item_ids[valid]) not in prompts[0].prefix
+                assert title_of(data.item_ids[valid]) not in history_part(prompts[0])
                 assert history == set(data.seen(user, "valid").tolist()) - {valid, test}
             else:
                 assert valid in history
@@ -546,7 +600,9 @@ def test_bad_inputs_are_refused_with_the_reason(
     small = Catalog(titles=["x"], years=[None], genres=[[]])
     with pytest.raises(DataError, match="catalog describes 1 items"):
         build_training_prompts(data, small, hints, np.array([0]), PromptSettings())
-    assert TEMPLATE_VERSION == "rr-1"
+    assert TEMPLATE_VERSION == "rr-2" == PromptSettings().template
+    with pytest.raises(ValueError, match="rr-1"):
+        PromptSettings(template="rr-3")
 
 
 def test_inference_prompts_follow_the_user_not_its_index(data: SplitData, catalog: Catalog):
@@ -578,3 +634,58 @@ def test_inference_prompts_follow_the_user_not_its_index(data: SplitData, catalo
         ]
 
     assert shown(data, catalog) == shown(other, other_catalog)
+
+
+def test_rr2_moves_the_candidates_into_the_shared_prefix_and_keeps_the_meaning(
+    data: SplitData, catalog: Catalog, hints: PopularityHints, tokenizer: Any
+) -> None:
+    user = uid(data, "u6")
+    cands = candidates_for(data, hints, user, "test")
+    built = {
+        template: build_inference_prompts(
+            data, catalog, hints, user, cands, "test", PromptSettings(template=template)
+        )
+        for template in ("rr-1", "rr-2")
+    }
+    old, new = built["rr-1"], built["rr-2"]
+    # The same questions over the same items, hints and history: only the wording moved.
+    assert [(p.task, p.items, p.history) for p in old] == [
+        (p.task, p.items, p.history) for p in new
+    ]
+    for a, b in zip(old, new, strict=True):
+        assert {k: v for k, v in b.hint.items() if k != "predicted_ratings"} == a.hint
+        assert b.template == "rr-2" and a.template == "rr-1"
+    (listwise,) = [p for p in new if p.task == "listwise"]
+    assert len({p.prefix for p in new}) == 1
+    lines = candidate_lines(listwise)
+    assert shown_items(listwise, data) == listwise.items
+    predicted = {p.items[0]: p.hint["predicted_rating"] for p in new if p.task == "pointwise"}
+    assert listwise.hint["predicted_ratings"] == [predicted[i] for i in listwise.items]
+    for j, item in enumerate(listwise.items):
+        assert lines[IDENTIFIERS[j]].endswith(f" ~ {predicted[item]:.1f}")
+    assert f"ranks them: {', '.join(listwise.hint['identifiers'])}.\n" in listwise.prefix
+    for p in new:
+        letters = [IDENTIFIERS[listwise.items.index(i)] for i in p.items]
+        expected = {
+            "pointwise": f"{letters[0]} rating?",
+            "pairwise": f"{letters[0]} over {letters[-1]}?",
+            "listwise": "Top 5?",
+        }[p.task]
+        assert p.question == expected
+
+    # The cost of a user in tokens: the prefix once plus every question.
+    def tokens(prompts: list[Prompt]) -> tuple[int, int]:
+        texts = [render(p, tokenizer)[:2] for p in prompts]
+        encode = tokenizer.encode
+        return len(encode(texts[0][0], add_special_tokens=False)), sum(
+            len(encode(suffix, add_special_tokens=False)) for _, suffix in texts
+        )
+
+    (old_prefix, old_questions), (new_prefix, new_questions) = tokens(old), tokens(new)
+    assert new_questions < old_questions / 8
+    assert new_prefix + new_questions < (old_prefix + old_questions) * 0.6, (
+        old_prefix,
+        old_questions,
+        new_prefix,
+        new_questions,
+    )

@@ -90,12 +90,11 @@ def catalog(data: SplitData) -> Catalog:
     )
 
 
-@pytest.fixture(scope="module")
-def prompts(data: SplitData, catalog: Catalog) -> list[Prompt]:
+@pytest.fixture(scope="module", params=["rr-1", "rr-2"])
+def prompts(request: pytest.FixtureRequest, data: SplitData, catalog: Catalog) -> list[Prompt]:
     users = np.repeat(np.arange(data.n_users, dtype=np.int64), 2)
-    built, counts = build_training_prompts(
-        data, catalog, PopularityHints(data), users, PromptSettings(history_max=3)
-    )
+    settings = PromptSettings(history_max=3, template=request.param)
+    built, counts = build_training_prompts(data, catalog, PopularityHints(data), users, settings)
     assert counts["listwise"] == len(users)
     return built
 
@@ -165,7 +164,14 @@ def test_the_twin_of_the_twin_is_the_original(
         perm = rng.permutation(len(p.items)).tolist()
         twin = reorder_listwise(p, catalog, perm)
         assert twin.items == [p.items[j] for j in perm]
-        assert twin.prefix == p.prefix and twin.history == p.history
+        assert twin.history == p.history
+        if p.template == "rr-2":  # the candidate list is part of the shared prefix
+            history = p.prefix.split("Candidates, each with")[0]
+            assert twin.prefix != p.prefix and twin.prefix.startswith(history)
+            assert twin.question == p.question
+            assert twin.hint["predicted_ratings"] == [p.hint["predicted_ratings"][j] for j in perm]
+        else:
+            assert twin.prefix == p.prefix and twin.question != p.question
         # The same items in the same order, under their new identifiers.
         assert twin.label["order"] == p.label["order"] and twin.hint["order"] == p.hint["order"]
         assert [twin.items[IDENTIFIERS.index(c)] for c in twin.label["identifiers"]] == (
@@ -186,7 +192,7 @@ def test_the_twin_of_the_twin_is_the_original(
     ]
     perm = rng.permutation(len(cands)).tolist()
     twin = reorder_listwise(shown, catalog, perm)
-    assert twin.label == {} and twin.question != shown.question
+    assert twin.label == {} and twin.prefix != shown.prefix  # rr-2: the list is in the prefix
     assert reorder_listwise(twin, catalog, np.argsort(perm).tolist()) == shown
 
 
