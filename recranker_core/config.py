@@ -206,7 +206,7 @@ class PromptSettings(BaseModel):
     template: Literal["rr-1", "rr-2"] = Field(
         "rr-2",
         description="Prompt layout a new adapter is tuned with: `rr-2` puts the candidates in "
-        "the prefix all of a user's prompts share (short questions, about 2x fewer tokens "
+        "the prefix all of a user's prompts share (short questions, a third fewer tokens "
         "per user); `rr-1` repeats them in every question. Inference uses the adapter's own.",
     )
 

@@ -4,7 +4,6 @@ that a user's prompts share computed once and its key/value cache reused for eve
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,9 +23,6 @@ from recranker_core.ranker.prompts import (
 )
 
 _RATINGS = np.arange(RATING_MIN, RATING_MAX + 1, dtype=np.float64)
-# The fixed cost of one forward pass (launches, Python, the cache copy's set-up) in padded tokens:
-# what splitting a batch by suffix length must save to be worth it.
-_PASS_COST_TOKENS = 64
 
 
 @dataclass
@@ -253,10 +249,13 @@ def _cached_logprobs(
     """Per unit, log p(wanted | prefix + suffix) for each suffix: [len(suffixes), len(wanted)].
 
     Units are taken in groups whose suffixes fit one batch (or one unit at a time): the group's
-    prefixes run left-padded in one pass, then each batch of suffixes runs against the rows of
-    that cache it needs. A suffix row's attention mask is [its prefix's mask][pad zeros][suffix
-    ones] and its positions continue from its prefix's real length, so neither kind of padding
-    changes a score.
+    prefixes run left-padded in one pass, then all of the group's suffixes run in one more pass,
+    packed: each unit's suffixes side by side in one row (several rows when they exceed
+    _PACK_TOKENS) that reads its prefix's cache once, with a 4D mask that lets each suffix see its
+    prefix and itself only. Its positions continue from its prefix's real length, so neither
+    packing nor padding changes a score. Packing matters when questions are short next to the
+    prefix (template rr-2): one row per user instead of one copy of the prefix's cache per
+    question.
     """
     import torch
     from transformers import DynamicCache
@@ -281,34 +280,102 @@ def _cached_logprobs(
                 logits_to_keep=1,
             )
             layers = _prefix_states(cache)
-            rows = [(g, s) for g, n in enumerate(group) for s in range(len(units[n].suffixes))]
-            rows.sort(key=lambda r: -len(units[group[r[0]]].suffixes[r[1]]))
-            lengths = [len(units[group[g]].suffixes[s]) for g, s in rows]
-            for start, stop in _batches(lengths, batch_size):
-                batch = rows[start:stop]
-                owner = torch.tensor([g for g, _ in batch], device=device)
-                suffix_ids, suffix_mask = _left_pad(
-                    [units[group[g]].suffixes[s] for g, s in batch], pad_id, device
-                )
-                # A forward pass appends to the cache it is given: each batch gets its own,
-                # built from the prefix rows it needs.
-                batch_cache = DynamicCache(
-                    ddp_cache_data=[(k[owner], v[owner]) for k, v in layers],
-                    config=model.config,
-                )
-                positions = prefix_len[owner, None] + suffix_mask.cumsum(dim=1) - 1
-                logits = model(
-                    input_ids=suffix_ids,
-                    attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1),
-                    position_ids=positions.clamp(min=0),
-                    past_key_values=batch_cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1, :]
-                logp = torch.log_softmax(logits.float(), dim=-1)[:, columns]
-                for (g, s), values in zip(batch, logp.double().cpu().numpy(), strict=True):
-                    out[group[g]][s] = values
+            rows = _pack_rows([units[n].suffixes for n in group])
+            packed = _packed_suffixes(
+                [[units[group[g]].suffixes[s] for s in picked] for g, picked in rows],
+                [int(prefix_len[g]) for g, _ in rows],
+                pad_id,
+            )
+            owner = torch.tensor([g for g, _ in rows], device=device)
+            # A forward pass appends to the cache it is given: the rows get their own, built
+            # from the prefix rows they read.
+            row_cache = DynamicCache(
+                ddp_cache_data=[(k[owner], v[owner]) for k, v in layers], config=model.config
+            )
+            dtype = next(model.parameters()).dtype
+            allowed = torch.cat(
+                [
+                    prefix_mask[owner][:, None, None, :].bool().expand(-1, 1, packed.width, -1),
+                    torch.from_numpy(packed.allowed).to(device)[:, None],
+                ],
+                dim=-1,
+            )
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            logits = model(
+                input_ids=torch.from_numpy(packed.ids).to(device),
+                attention_mask=mask,
+                position_ids=torch.from_numpy(packed.positions).to(device),
+                past_key_values=row_cache,
+                use_cache=True,
+                logits_to_keep=torch.from_numpy(packed.ends).to(device),
+            ).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)[..., columns].double().cpu().numpy()
+            for r, (g, picked) in enumerate(rows):
+                for slot, s in enumerate(picked):
+                    out[group[g]][s] = logp[r, slot]
     return out
+
+
+# Most question tokens packed in one row: bounds the attention scores of a pass (rows x packed
+# tokens x (prefix + packed tokens)) when questions are long (rr-1) or many (all pairs).
+_PACK_TOKENS = 1024
+
+
+def _pack_rows(suffixes: list[list[list[int]]]) -> list[tuple[int, list[int]]]:
+    """(unit position in the group, its suffix indices) per packed row: a unit's suffixes in
+    order, a new row where the next one would pass _PACK_TOKENS (a longer one alone)."""
+    rows: list[tuple[int, list[int]]] = []
+    for g, unit in enumerate(suffixes):
+        current: list[int] = []
+        size = 0
+        for s, suffix in enumerate(unit):
+            if current and size + len(suffix) > _PACK_TOKENS:
+                rows.append((g, current))
+                current, size = [], 0
+            current.append(s)
+            size += len(suffix)
+        if current:
+            rows.append((g, current))
+    return rows
+
+
+@dataclass
+class _Packed:
+    ids: npt.NDArray[np.int64]  # [rows, width]
+    positions: npt.NDArray[np.int64]  # [rows, width]
+    allowed: npt.NDArray[np.bool_]  # [rows, width, width]: query may attend to key
+    ends: npt.NDArray[np.int64]  # [slots]: the column of each slot's last token
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def _packed_suffixes(rows: list[list[list[int]]], prefix_lens: list[int], pad_id: int) -> _Packed:
+    """Rows of suffixes in slots: slot i holds each row's i-th suffix, left-padded to the
+    longest i-th suffix, so every row's answers sit in the same columns (`ends`). A real token
+    sees the real tokens of its own slot up to itself; padding sees none (it still sees its
+    prefix, so no attention row is empty) and no token sees padding."""
+    slots = max(len(row) for row in rows)
+    lengths = [max((len(row[i]) for row in rows if i < len(row)), default=1) for i in range(slots)]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    width = int(sum(lengths))
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    real = np.zeros((len(rows), width), dtype=bool)
+    for r, row in enumerate(rows):
+        positions[r] = prefix_lens[r]
+        for i, suffix in enumerate(row):
+            at = int(starts[i]) + lengths[i] - len(suffix)
+            ids[r, at : at + len(suffix)] = suffix
+            positions[r, at : at + len(suffix)] = prefix_lens[r] + np.arange(len(suffix))
+            real[r, at : at + len(suffix)] = True
+    slot = np.repeat(np.arange(slots), lengths)
+    same = (slot[:, None] == slot[None, :]) & np.tri(width, dtype=bool)
+    allowed = same[None] & real[:, None, :] & real[:, :, None]
+    ends = starts + np.asarray(lengths, dtype=np.int64) - 1
+    return _Packed(ids, positions, allowed, ends)
 
 
 def _prefix_states(cache: Any) -> list[tuple[Any, Any]]:
@@ -327,25 +394,6 @@ def _prefix_states(cache: Any) -> list[tuple[Any, Any]]:
             )
         states.append((layer.keys, layer.values))
     return states
-
-
-def _batches(lengths: list[int], batch_size: int) -> list[tuple[int, int]]:
-    """[start, stop) runs of `lengths` (sorted longest first) of at most `batch_size` rows that
-    cost the fewest padded tokens plus _PASS_COST_TOKENS per pass: a listwise question is several
-    times as long as a pointwise one, and padding every row to it costs more than a pass."""
-    best = [0.0] + [math.inf] * len(lengths)  # best[i]: cost of the first i rows
-    cut = [0] * (len(lengths) + 1)
-    for stop in range(1, len(lengths) + 1):
-        for start in range(max(0, stop - batch_size), stop):
-            cost = best[start] + (stop - start) * lengths[start] + _PASS_COST_TOKENS
-            if cost < best[stop]:
-                best[stop], cut[stop] = cost, start
-    runs: list[tuple[int, int]] = []
-    stop = len(lengths)
-    while stop:
-        runs.append((cut[stop], stop))
-        stop = cut[stop]
-    return runs[::-1]
 
 
 def _groups(order: list[int], units: list[_Unit], batch_size: int) -> list[list[int]]:

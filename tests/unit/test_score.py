@@ -17,6 +17,7 @@ import torch
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings
 from recranker_core.errors import ConfigError, DataError
+from recranker_core.ranker import score as score_module
 from recranker_core.ranker.prompts import (
     IDENTIFIERS,
     Catalog,
@@ -25,7 +26,7 @@ from recranker_core.ranker.prompts import (
     render,
     verbalizer_ids,
 )
-from recranker_core.ranker.score import UserScores, _batches, answer_logprobs, score_users
+from recranker_core.ranker.score import UserScores, answer_logprobs, score_users
 
 N_ITEMS = 60
 N_USERS = 6
@@ -141,11 +142,17 @@ def assert_same(a: list[UserScores], b: list[UserScores], atol: float = 1e-4) ->
             np.testing.assert_allclose(getattr(x, task), getattr(y, task), atol=atol, err_msg=task)
 
 
+@pytest.mark.parametrize("template", ["rr-1", "rr-2"])
 def test_prefix_cached_scores_equal_full_prompt_scores(
-    data: SplitData, catalog: Catalog, hints: PopularityHints, loaded: tuple[Any, Any]
+    data: SplitData,
+    catalog: Catalog,
+    hints: PopularityHints,
+    loaded: tuple[Any, Any],
+    template: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, tokenizer = loaded
-    batch = entries(data, catalog, hints, list(range(N_USERS)))
+    batch = entries(data, catalog, hints, list(range(N_USERS)), PromptSettings(template=template))
     prefix_lengths = [len(tokenizer.encode(render(p[0], tokenizer)[0])) for _, _, p in batch]
     # The users' prefixes differ in length: grouped into one pass they are padded.
     assert len(set(prefix_lengths)) == N_USERS
@@ -160,16 +167,24 @@ def test_prefix_cached_scores_equal_full_prompt_scores(
             # 10 pointwise + 5 pairs in both orders + 1 listwise, the prefix read once.
             assert c.prompts == r.prompts == 21
             assert r.prompt_tokens - c.prompt_tokens == 20 * prefix
+    # A user's questions packed into several rows (here a few questions per row) read the
+    # same prefix cache and give the same scores.
+    monkeypatch.setattr(score_module, "_PACK_TOKENS", 40)
+    assert len(score_module._pack_rows([[[0] * 15] * 21])) > 5
+    assert_same(score_users(model, tokenizer, batch, batch_size=64), reference)
 
 
 def test_padding_changes_nothing(
     data: SplitData, catalog: Catalog, hints: PopularityHints, loaded: tuple[Any, Any]
 ) -> None:
     model, tokenizer = loaded
-    batch = entries(data, catalog, hints, [1, 4])
-    lengths = sorted(len(tokenizer.encode(render(p, tokenizer)[1])) for p in batch[0][2])[::-1]
-    # The large batch size really pads: some pass holds suffixes of different lengths.
-    assert any(len(set(lengths[a:b])) > 1 for a, b in _batches(lengths, 64))
+    batch = entries(data, catalog, hints, [1, 4], PromptSettings(template="rr-1"))
+    lengths = [
+        [len(tokenizer.encode(render(p, tokenizer)[1])) for p in prompts] for _, _, prompts in batch
+    ]
+    # The large batch size really pads: both users share a pass, and the questions in one slot
+    # of the packed rows differ in length between them.
+    assert len(lengths[0]) + len(lengths[1]) <= 64 and lengths[0] != lengths[1]
     alone = score_users(model, tokenizer, batch, batch_size=1)
     together = score_users(model, tokenizer, batch, batch_size=64)
     assert_same(alone, together)
