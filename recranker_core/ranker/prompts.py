@@ -255,7 +255,7 @@ def build_inference_prompts(
         # shown at the like threshold, a lower bound of its true rating.
         rated[valid_item] = float(data.like_threshold)
     history = _pick_history(rng, list(rated), settings.history_max)
-    block = _history_block(catalog, history, rated)
+    block = _history_block(catalog, history, rated, settings.template)
     scores = _item_scores(hints, user, data.n_items)
     predictions = _predictions(hints, user, cands)
     # Both templates draw the same pairs and listwise order for a seed: only the wording differs.
@@ -417,7 +417,7 @@ def _train_pointwise(
     target = items[int(rng.integers(len(items)))]
     history = _pick_history(rng, [i for i in items if i != target], settings.history_max)
     rating = _label_rating(rated[target])
-    block = _history_block(catalog, history, rated)
+    block = _history_block(catalog, history, rated, settings.template)
     if settings.template == "rr-2":
         # The target among unseen items, as a candidate list at inference holds it.
         layout = _train_layout(rng, data, catalog, hints, entry, block, [target], settings)
@@ -485,7 +485,7 @@ def _train_pairwise(
     liked_first = bool(rng.random() < 0.5)
     first, second = (liked, other) if liked_first else (other, liked)
     hint_first = _base_prefers(scores, first, second)
-    block = _history_block(catalog, history, rated)
+    block = _history_block(catalog, history, rated, settings.template)
     if settings.template == "rr-2":
         layout = _train_layout(rng, data, catalog, hints, entry, block, [first, second], settings)
         if layout is None:
@@ -527,7 +527,7 @@ def _train_listwise(
     # Best first by rating; equal ratings in a random order, so that no tie-break leaks a bias.
     ties = rng.random(len(held))
     order = [held[j] for j in sorted(range(len(held)), key=lambda j: (-rated[held[j]], ties[j]))]
-    block = _history_block(catalog, history, rated)
+    block = _history_block(catalog, history, rated, settings.template)
     # Unseen candidates have no rating: 0, which ALRO's graded gain 2^r - 1 turns into no gain.
     ratings = [rated.get(i, 0.0) for i in shown]
     base_order = _base_order(scores, shown)
@@ -540,9 +540,23 @@ def _train_listwise(
 # --- the wording: one per task, shared by training and inference ----------------------------
 
 
-def _history_block(catalog: Catalog, history: list[int], rated: dict[int, float]) -> str:
+def _history_block(
+    catalog: Catalog, history: list[int], rated: dict[int, float], template: str
+) -> str:
     # Ratings are shown in every task, not only pointwise, so that all of a user's prompts share
     # this block as one prefix whose key/value cache the scorer computes once (METHOD.md 6).
+    if template == "rr-2":
+        # One line per rating, best first, the items of a line in the history's random order:
+        # the same ratings as rr-1's one line per item in about 5 fewer tokens per item.
+        groups: dict[float, list[str]] = {}
+        for i in history:
+            groups.setdefault(rated[i], []).append(catalog.describe(i))
+        lines = [
+            f"{_format_rating(r)}: {' | '.join(groups[r])}\n" for r in sorted(groups, reverse=True)
+        ]
+        return "Ratings a user gave (1 = worst, 5 = best), items in random order:\n" + (
+            "".join(lines) if lines else "none yet\n"
+        )
     lines = [f"- {catalog.describe(i)}: rated {_format_rating(rated[i])}/5\n" for i in history]
     # Ends with "\n" and every question starts with a letter: the cut between them is a token
     # boundary for byte-level BPE tokenizers.

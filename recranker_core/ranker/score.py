@@ -310,16 +310,22 @@ def _cached_logprobs(
                 use_cache=True,
                 logits_to_keep=torch.from_numpy(packed.ends).to(device),
             ).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)[..., columns].double().cpu().numpy()
-            for r, (g, picked) in enumerate(rows):
-                for slot, s in enumerate(picked):
-                    out[group[g]][s] = logp[r, slot]
+            row_of = torch.tensor([r for r, at in enumerate(packed.at) for _ in at], device=device)
+            end_of = torch.tensor([e for at in packed.at for e in at], device=device)
+            read = torch.log_softmax(logits[row_of, end_of].float(), dim=-1)[:, columns]
+            logp = iter(read.double().cpu().numpy())
+            for g, picked in rows:
+                for s in picked:
+                    out[group[g]][s] = next(logp)
     return out
 
 
-# Most question tokens packed in one row: bounds the attention scores of a pass (rows x packed
-# tokens x (prefix + packed tokens)) when questions are long (rr-1) or many (all pairs).
-_PACK_TOKENS = 1024
+# Most question tokens packed in one row. Each packed token attends over the whole row (masked
+# scores still cost), so a row of Q question tokens does Q x (prefix + Q) attention work where
+# unpacked rows did Q x (prefix + one question): 256 keeps that overhead small next to a prefix
+# of about a thousand tokens and still fits rr-2's 21 questions (about 190 tokens) in one row;
+# rr-1's long questions go about four to a row.
+_PACK_TOKENS = 256
 
 
 def _pack_rows(suffixes: list[list[list[int]]]) -> list[tuple[int, list[int]]]:
@@ -345,7 +351,8 @@ class _Packed:
     ids: npt.NDArray[np.int64]  # [rows, width]
     positions: npt.NDArray[np.int64]  # [rows, width]
     allowed: npt.NDArray[np.bool_]  # [rows, width, width]: query may attend to key
-    ends: npt.NDArray[np.int64]  # [slots]: the column of each slot's last token
+    ends: npt.NDArray[np.int64]  # [columns]: every column where some row's suffix ends
+    at: list[list[int]]  # per row, per suffix: its index into `ends`
 
     @property
     def width(self) -> int:
@@ -353,29 +360,31 @@ class _Packed:
 
 
 def _packed_suffixes(rows: list[list[list[int]]], prefix_lens: list[int], pad_id: int) -> _Packed:
-    """Rows of suffixes in slots: slot i holds each row's i-th suffix, left-padded to the
-    longest i-th suffix, so every row's answers sit in the same columns (`ends`). A real token
-    sees the real tokens of its own slot up to itself; padding sees none (it still sees its
-    prefix, so no attention row is empty) and no token sees padding."""
-    slots = max(len(row) for row in rows)
-    lengths = [max((len(row[i]) for row in rows if i < len(row)), default=1) for i in range(slots)]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    width = int(sum(lengths))
+    """Each row's suffixes side by side, rows left-padded to one width. A real token sees the
+    real tokens of its own suffix up to itself; padding sees none (it still sees its prefix, so
+    no attention row is empty) and no token sees padding. `ends` is the union of the columns
+    where answers are read: the model's logits_to_keep."""
+    width = max(sum(len(suffix) for suffix in row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
-    real = np.zeros((len(rows), width), dtype=bool)
+    segment = np.full((len(rows), width), -1, dtype=np.int64)
+    row_ends: list[list[int]] = []
     for r, row in enumerate(rows):
         positions[r] = prefix_lens[r]
+        at = width - sum(len(suffix) for suffix in row)
+        row_ends.append([])
         for i, suffix in enumerate(row):
-            at = int(starts[i]) + lengths[i] - len(suffix)
             ids[r, at : at + len(suffix)] = suffix
             positions[r, at : at + len(suffix)] = prefix_lens[r] + np.arange(len(suffix))
-            real[r, at : at + len(suffix)] = True
-    slot = np.repeat(np.arange(slots), lengths)
-    same = (slot[:, None] == slot[None, :]) & np.tri(width, dtype=bool)
-    allowed = same[None] & real[:, None, :] & real[:, :, None]
-    ends = starts + np.asarray(lengths, dtype=np.int64) - 1
-    return _Packed(ids, positions, allowed, ends)
+            segment[r, at : at + len(suffix)] = i
+            at += len(suffix)
+            row_ends[-1].append(at - 1)
+    real = segment >= 0
+    same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]
+    allowed = same & np.tri(width, dtype=bool)[None]
+    ends = np.array(sorted({e for row in row_ends for e in row}), dtype=np.int64)
+    index = {int(e): n for n, e in enumerate(ends)}
+    return _Packed(ids, positions, allowed, ends, [[index[e] for e in row] for row in row_ends])
 
 
 def _prefix_states(cache: Any) -> list[tuple[Any, Any]]:

@@ -213,7 +213,18 @@ def test_held_out_items_never_in_their_prompts_history(
     for prompt in prompts:
         assert not set(prompt.items) & set(prompt.history)
         assert len(prompt.history) <= 6
-        assert len(history_lines(prompt)) == len(prompt.history)
+        if prompt.template == "rr-2":  # one line per rating, best first
+            lines = history_part(prompt).splitlines()[1:]
+            assert sum(line.count("Film ") for line in lines) == len(prompt.history)
+            grades = [float(line.split(":")[0]) for line in lines if line != "none yet"]
+            assert grades == sorted(set(grades), reverse=True)
+            rated = train_ratings(data, prompt.user)
+            for line in lines:
+                for title in line.split(": ", 1)[1].split(" | "):
+                    item = data.item_ids.index(title.split("#")[0][len("Film ") :])
+                    assert rated[item] == float(line.split(":")[0])
+        else:
+            assert len(history_lines(prompt)) == len(prompt.history)
         for item in prompt.items:
             assert title_of(data.item_ids[item]) not in history_part(prompt)
         for item in prompt.history:
@@ -255,7 +266,10 @@ def test_pointwise_label_is_the_true_rating_rounded_and_hint_from_train_ratings(
         else:
             assert f"predicts {expected:.1f}." in prompt.question
     half = [p for p in prompts if p.task == "pointwise" and p.user == uid(data, "half")]
-    assert any("rated 3.5/5" in p.prefix or "rated 4.5/5" in p.prefix for p in half)
+    assert any(
+        any(shown in p.prefix for shown in ("rated 3.5/5", "rated 4.5/5", "\n3.5: ", "\n4.5: "))
+        for p in half
+    )
 
 
 def test_pairwise_swap_flips_label_and_hint_with_the_shown_order(
