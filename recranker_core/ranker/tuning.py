@@ -39,7 +39,7 @@ CPU_DEMO = {
         "grad_accumulation": 2,
         "eval_every": 8,
         "valid_users": 24,
-        "max_length": 512,
+        "max_length": 768,
         "warmup_steps": 2,
     },
 }

@@ -151,8 +151,10 @@ def history_lines(prompt: Prompt) -> list[str]:
 
 
 def history_part(prompt: Prompt) -> str:
-    """The history block: rr-1's whole prefix, rr-2's prefix up to its candidate list."""
-    return prompt.prefix.split("\nCandidates, each with")[0]
+    """The history block: rr-1's whole prefix, rr-2's prefix from after its instructions up to
+    its candidate list."""
+    text = prompt.prefix.split("\nCandidates, each with")[0]
+    return text[text.index("Ratings a user gave") :]
 
 
 def candidate_lines(prompt: Prompt) -> dict[str, str]:
