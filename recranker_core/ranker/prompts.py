@@ -680,8 +680,7 @@ class _Layout2:
             for i, p in zip(self.shown, self.predicted, strict=True)
         )
         ranked = ", ".join(self.name[i] for i in self.base_order)
-        # The instructions first: every user's prefix opens with the same tokens, which a scorer
-        # of many users computes once.
+        # The instructions first, then the data they are about.
         self.prefix = (
             f"{_RR2_RULES}{block}{_CANDIDATES_HEADER}{lines}"
             f"The conventional model ranks them: {ranked}.\n"

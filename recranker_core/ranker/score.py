@@ -76,12 +76,9 @@ def score_users(
 
     units = _units(plans, tokenizer)
     if prefix_cache:
-        logps, shared = _cached_logprobs(model, tokenizer, units, wanted, batch_size)
+        logps = _cached_logprobs(model, tokenizer, units, wanted, batch_size)
         for unit in units:
-            own = len(unit.prefix) - shared
-            plans[unit.plan].tokens += own + sum(len(s) for s in unit.suffixes)
-        if units:  # the opening all prefixes share ran once, for the first entry's account
-            plans[units[0].plan].tokens += shared
+            plans[unit.plan].tokens += len(unit.prefix) + sum(len(s) for s in unit.suffixes)
     else:
         texts = [unit.prefix_text + suffix for unit in units for suffix in unit.suffix_texts]
         flat = answer_logprobs(model, tokenizer, texts, wanted, batch_size=batch_size).astype(
@@ -248,10 +245,8 @@ def _units(plans: list[_Plan], tokenizer: Any) -> list[_Unit]:
 
 def _cached_logprobs(
     model: Any, tokenizer: Any, units: list[_Unit], wanted: list[int], batch_size: int
-) -> tuple[list[npt.NDArray[np.float64]], int]:
-    """Per unit, log p(wanted | prefix + suffix) for each suffix: [len(suffixes), len(wanted)],
-    and the number of opening tokens all prefixes share (run once for all of them: the chat
-    template's system turn and the instructions that come before a user's own data).
+) -> list[npt.NDArray[np.float64]]:
+    """Per unit, log p(wanted | prefix + suffix) for each suffix: [len(suffixes), len(wanted)].
 
     Units are taken in groups whose suffixes fit one batch (or one unit at a time): the group's
     prefixes run left-padded in one pass, then all of the group's suffixes run in one more pass,
@@ -271,39 +266,15 @@ def _cached_logprobs(
     out = [np.empty((len(u.suffixes), len(wanted))) for u in units]
     # Longest prefixes together: a group's prefix padding stays small.
     order = sorted(range(len(units)), key=lambda n: -len(units[n].prefix))
-    shared = _shared_opening([u.prefix for u in units])
     with torch.inference_mode():
-        opening: list[tuple[Any, Any]] = []
-        if shared:
+        for group in _groups(order, units, batch_size):
+            prefix_ids, prefix_mask = _left_pad([units[n].prefix for n in group], pad_id, device)
+            prefix_len = prefix_mask.sum(dim=1)
             cache = DynamicCache(config=model.config)
             model(
-                input_ids=torch.tensor([units[0].prefix[:shared]], device=device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            opening = _prefix_states(cache)
-        for group in _groups(order, units, batch_size):
-            # [shared opening][left padding][the rest of each prefix]: positions count real
-            # tokens only, so the padding in the middle changes nothing.
-            rest_ids, rest_mask = _left_pad(
-                [units[n].prefix[shared:] for n in group], pad_id, device
-            )
-            ones = torch.ones((len(group), shared), dtype=rest_mask.dtype, device=device)
-            prefix_mask = torch.cat([ones, rest_mask], dim=1)
-            prefix_len = prefix_mask.sum(dim=1)
-            cache = DynamicCache(
-                ddp_cache_data=[
-                    (k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1))
-                    for k, v in opening
-                ]
-                or None,
-                config=model.config,
-            )
-            model(
-                input_ids=rest_ids,
+                input_ids=prefix_ids,
                 attention_mask=prefix_mask,
-                position_ids=(prefix_mask.cumsum(dim=1) - 1)[:, shared:].clamp(min=0),
+                position_ids=(prefix_mask.cumsum(dim=1) - 1).clamp(min=0),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -346,24 +317,7 @@ def _cached_logprobs(
             for g, picked in rows:
                 for s in picked:
                     out[group[g]][s] = next(logp)
-    return out, shared
-
-
-# The fewest opening tokens worth a pass of their own.
-_MIN_SHARED = 8
-
-
-def _shared_opening(prefixes: list[list[int]]) -> int:
-    """How many opening tokens every prefix has in common (each keeps at least one of its own);
-    0 for a single prefix or an opening shorter than _MIN_SHARED."""
-    if len(prefixes) < 2:
-        return 0
-    limit = min(len(p) for p in prefixes) - 1
-    first = prefixes[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prefixes):
-        n += 1
-    return n if n >= _MIN_SHARED else 0
+    return out
 
 
 # Most question tokens packed in one row. Each packed token attends over the whole row (masked
