@@ -659,9 +659,9 @@ def _listwise(
 
 
 class _Layout2:
-    """Template rr-2: one prefix (history block, candidates with their predicted ratings, the
-    conventional model's order, how questions are answered) shared by every prompt over the
-    same candidates, and questions that only name identifiers."""
+    """Template rr-2: one prefix (how questions are answered, the history block, the candidates
+    with their predicted ratings, the conventional model's order) shared by every prompt over
+    the same candidates, and questions that only name identifiers."""
 
     def __init__(
         self,
