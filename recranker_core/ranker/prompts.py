@@ -578,17 +578,7 @@ def _pointwise(
         f"A conventional model predicts {predicted:.1f}.\n"
         "How would the user rate the item (1-5)? Answer with only the rating."
     )
-    return Prompt(
-        task="pointwise",
-        user=user,
-        prefix=prefix,
-        question=question,
-        answer="" if rating is None else str(rating),
-        items=[item],
-        label={} if rating is None else {"rating": rating},
-        history=list(history),
-        hint={"predicted_rating": predicted},
-    )
+    return _pointwise_prompt("rr-1", user, prefix, question, history, item, predicted, rating)
 
 
 def _pairwise(
@@ -607,17 +597,8 @@ def _pairwise(
         f"A conventional model prefers {'X' if hint_first else 'Y'}.\n"
         f"Would the user prefer X over Y? Answer with only {YES} or {NO}."
     )
-    answer = "" if prefers_first is None else (YES if prefers_first else NO)
-    return Prompt(
-        task="pairwise",
-        user=user,
-        prefix=prefix,
-        question=question,
-        answer=answer,
-        items=[first, second],
-        label={} if prefers_first is None else {"prefers_first": prefers_first},
-        history=list(history),
-        hint={"prefers_first": hint_first},
+    return _pairwise_prompt(
+        "rr-1", user, prefix, question, history, (first, second), hint_first, prefers_first
     )
 
 
@@ -640,6 +621,75 @@ def _listwise(
         f"Which {top} candidates would the user like most, best first? "
         "Answer with only their letters, separated by commas."
     )
+    return _listwise_prompt(
+        "rr-1", user, prefix, question, history, shown, base_order, order, ratings, {}
+    )
+
+
+# The Prompt of each task, whichever template worded it: answer, label and hint are the same.
+
+
+def _pointwise_prompt(
+    template: str,
+    user: int,
+    prefix: str,
+    question: str,
+    history: list[int],
+    item: int,
+    predicted: float,
+    rating: int | None,
+) -> Prompt:
+    return Prompt(
+        task="pointwise",
+        user=user,
+        prefix=prefix,
+        question=question,
+        answer="" if rating is None else str(rating),
+        items=[item],
+        label={} if rating is None else {"rating": rating},
+        history=list(history),
+        hint={"predicted_rating": predicted},
+        template=template,
+    )
+
+
+def _pairwise_prompt(
+    template: str,
+    user: int,
+    prefix: str,
+    question: str,
+    history: list[int],
+    pair: tuple[int, int],
+    hint_first: bool,
+    prefers_first: bool | None,
+) -> Prompt:
+    return Prompt(
+        task="pairwise",
+        user=user,
+        prefix=prefix,
+        question=question,
+        answer="" if prefers_first is None else (YES if prefers_first else NO),
+        items=list(pair),
+        label={} if prefers_first is None else {"prefers_first": prefers_first},
+        history=list(history),
+        hint={"prefers_first": hint_first},
+        template=template,
+    )
+
+
+def _listwise_prompt(
+    template: str,
+    user: int,
+    prefix: str,
+    question: str,
+    history: list[int],
+    shown: list[int],
+    base_order: list[int],
+    order: list[int] | None,
+    ratings: list[float] | None,
+    more_hint: dict[str, Any],
+) -> Prompt:
+    name = {item: IDENTIFIERS[j] for j, item in enumerate(shown)}
     label: dict[str, Any] = {}
     if order is not None:
         label = {"order": list(order), "identifiers": [name[i] for i in order]}
@@ -654,7 +704,8 @@ def _listwise(
         items=list(shown),
         label=label,
         history=list(history),
-        hint={"order": base_order, "identifiers": [name[i] for i in base_order]},
+        hint={"order": base_order, "identifiers": [name[i] for i in base_order], **more_hint},
+        template=template,
     )
 
 
@@ -686,24 +737,12 @@ class _Layout2:
             f"The conventional model ranks them: {ranked}.\n"
         )
 
-    def _prompt(self, task: str, user: int, history: list[int], question: str, **kw: Any) -> Prompt:
-        return Prompt(
-            task=task, user=user, prefix=self.prefix, question=question,
-            history=list(history), template="rr-2", **kw,
-        )  # fmt: skip
-
     def pointwise(
         self, user: int, history: list[int], item: int, predicted: float, rating: int | None
     ) -> Prompt:
-        return self._prompt(
-            "pointwise",
-            user,
-            history,
-            f"{self.name[item]} rating?",
-            answer="" if rating is None else str(rating),
-            items=[item],
-            label={} if rating is None else {"rating": rating},
-            hint={"predicted_rating": predicted},
+        question = f"{self.name[item]} rating?"
+        return _pointwise_prompt(
+            "rr-2", user, self.prefix, question, history, item, predicted, rating
         )
 
     def pairwise(
@@ -715,16 +754,11 @@ class _Layout2:
         hint_first: bool,
         prefers_first: bool | None,
     ) -> Prompt:
-        return self._prompt(
-            "pairwise",
-            user,
-            history,
-            f"{self.name[first]} over {self.name[second]}?",
-            answer="" if prefers_first is None else (YES if prefers_first else NO),
-            items=[first, second],
-            label={} if prefers_first is None else {"prefers_first": prefers_first},
-            hint={"prefers_first": hint_first},
-        )
+        question = f"{self.name[first]} over {self.name[second]}?"
+        return _pairwise_prompt(
+            "rr-2", user, self.prefix, question, history, (first, second), hint_first,
+            prefers_first,
+        )  # fmt: skip
 
     def listwise(
         self,
@@ -734,25 +768,10 @@ class _Layout2:
         order: list[int] | None,
         ratings: list[float] | None = None,
     ) -> Prompt:
-        label: dict[str, Any] = {}
-        if order is not None:
-            label = {"order": list(order), "identifiers": [self.name[i] for i in order]}
-            if ratings is not None:
-                label["ratings"] = list(ratings)
-        return self._prompt(
-            "listwise",
-            user,
-            history,
-            f"Top {top}?",
-            answer=", ".join(label.get("identifiers", [])),
-            items=list(self.shown),
-            label=label,
-            hint={
-                "order": self.base_order,
-                "identifiers": [self.name[i] for i in self.base_order],
-                "predicted_ratings": self.predicted,
-            },
-        )
+        return _listwise_prompt(
+            "rr-2", user, self.prefix, f"Top {top}?", history, self.shown, self.base_order,
+            order, ratings, {"predicted_ratings": self.predicted},
+        )  # fmt: skip
 
 
 # --- helpers ----------------------------------------------------------------------------------
