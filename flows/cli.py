@@ -416,7 +416,9 @@ def tune_ranker(
         f"adapter {summary['adapter_id']}: "
         f"{'promoted' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
-    _echo_json({k: summary[k] for k in ("adapter_id", "metrics", "steps", "seconds")})
+    if summary.get("note"):
+        typer.echo(f"warning: {summary['note']}")
+    _echo_json({k: summary[k] for k in ("adapter_id", "metrics", "steps", "best_step", "seconds")})
 
 
 @experiment_app.command("objectives")
@@ -670,6 +672,8 @@ def demo() -> None:
         f"adapter {tuned['adapter_id']}: {'promoted' if tuned['promoted'] else 'not promoted'} "
         f"({tuned['reason']}); {tuned['steps']} steps in {tuned['seconds']} s"
     )
+    if tuned.get("note"):
+        typer.echo(f"warning: {tuned['note']}")
     adapters_list(limit=3, as_json=False)
 
     # The demo's ranking budget on CPU: the LLM re-ranks the most active users, the others get

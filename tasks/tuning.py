@@ -124,6 +124,7 @@ def tune_adapter_task(
     from recranker_core.ranker.tuning import (
         BaseHints,
         fetch_adapter,
+        kept_start_note,
         make_validate,
         publish_adapter,
         validation_set,
@@ -215,7 +216,11 @@ def tune_adapter_task(
         result.seconds,
         result.tokens_per_second,
     )
+    note = kept_start_note(result.steps, result.best_step, objective)
+    if note:
+        logger.warning("adapter %d: %s", outcome.adapter_id, note)
     return {
+        "note": note,
         "adapter_id": outcome.adapter_id,
         "promoted": outcome.promoted,
         "reason": outcome.reason,
@@ -258,6 +263,8 @@ def publish_tuning_artifacts(summary: dict[str, Any], counts: dict[str, Any], pr
         f"**Adapter {summary['adapter_id']} "
         f"{'promoted' if summary['promoted'] else 'not promoted'}**: {summary['reason']}.",
     ]
+    if summary.get("note"):
+        lines += ["", f"**Warning**: {summary['note']}."]
     create_markdown_artifact(
         key="ranker-tuning", markdown="\n".join(lines), description="What was tuned and promoted"
     )

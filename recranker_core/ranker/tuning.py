@@ -353,6 +353,22 @@ def publish_adapter(
 _ADAPTER_LOOKBACK = 10_000
 
 
+def kept_start_note(steps: int, best_step: int, objective: str) -> str | None:
+    """In words, when early stopping kept the starting point of a run that took steps: the
+    stored adapter then scores like where it started, which a promotion line alone hides."""
+    if best_step != 0 or steps <= 0:
+        return None
+    start = (
+        "the SFT adapter it started from"
+        if objective == "dmpo"
+        else "the untuned backbone (LoRA starts at zero)"
+    )
+    return (
+        f"kept step 0 of {steps}: no validated step beat the starting point, so this adapter "
+        f"scores like {start}; tune with more data or steps, or a lower learning rate"
+    )
+
+
 def sft_start_adapter(database_url: str, template: str) -> registry.AdapterRecord:
     """The SFT adapter a DMPO run starts from and keeps frozen as its reference: the champion
     adapter when it is an SFT adapter, else the SFT adapter that was champion most recently

@@ -37,6 +37,8 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     assert adapter.backbone_hash == model_dir_hash(Path(str(tiny_pipeline["tiny"])))
     assert set(adapter.metrics["valid"]) >= {"ndcg@10", "hr@3"}
     assert summary["steps"] > 0 and len(summary["history"]) >= 2
+    # A run that kept its starting point says so in words (and only then).
+    assert (summary["note"] is not None) == (summary["best_step"] == 0)
 
     cfg = s3_config(s3_settings)
     store = S3ArtifactStore(cfg)

@@ -39,3 +39,14 @@ def test_markdown_lists_each_objective_and_flags_adapters_that_kept_step_0() -> 
 
     moved = comparison_markdown([result("sft", 15, 0.05)], {})
     assert "Kept step 0" not in moved
+
+
+def test_a_tuning_run_that_kept_its_starting_point_says_so() -> None:
+    from recranker_core.ranker.tuning import kept_start_note
+
+    note = kept_start_note(steps=15, best_step=0, objective="sft")
+    assert note is not None and "kept step 0 of 15" in note and "untuned backbone" in note
+    dmpo = kept_start_note(steps=4, best_step=0, objective="dmpo")
+    assert dmpo is not None and "SFT adapter it started from" in dmpo
+    assert kept_start_note(steps=15, best_step=8, objective="sft") is None
+    assert kept_start_note(steps=0, best_step=0, objective="sft") is None  # nothing was tried
