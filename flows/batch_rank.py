@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from recranker_core import registry
 from recranker_core.config import load_settings
 from tasks.common import resolve_database
 from tasks.ranking import (
@@ -47,6 +48,9 @@ def batch_rank_flow(
                 database_url, users, watermark, settings.rank.llm_max_users
             )
         adapter_id = serving_adapter_task(database_url, settings)
+        prompts = settings.prompts.model_dump(mode="json")
+        if adapter_id is not None:  # the adapter scores with the template it was tuned with
+            prompts["template"] = registry.get_adapter(database_url, adapter_id).template_version
         state = runs.start_run(
             database_url,
             run_id=run_id,
@@ -59,7 +63,7 @@ def batch_rank_flow(
                 "k": settings.rank.k,
                 "active_window_days": settings.rank.active_window_days,
                 "llm_max_users": settings.rank.llm_max_users,
-                "prompts": settings.prompts.model_dump(mode="json"),
+                "prompts": prompts,
             },
             shards=shards_of(users, settings.rank.shard_size),
         )

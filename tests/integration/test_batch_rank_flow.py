@@ -51,6 +51,14 @@ def test_rank_publish_switch_and_evaluate(
     monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "30")
     run = batch_rank_flow()
     assert run["previous"] == base_run["run_id"] and run["status"] == "published"
+    from recranker_core import registry
+    from recranker_core.ranker.publish import run_summary
+
+    # The ledger names the wording the adapter scored with.
+    adapter = registry.champion_adapter(url)
+    assert adapter is not None
+    params = run_summary(url, run["run_id"])["params"]
+    assert params["prompts"]["template"] == adapter.template_version == "rr-2"
     rows = current_rows(url)
     assert {r[0] for r in rows} == {run["run_id"]}  # the view switched whole
     users = {r[1] for r in rows}
