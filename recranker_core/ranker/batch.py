@@ -47,12 +47,6 @@ class Ranker:
         template = self.adapter.template_version
         if settings.prompts.template == template:
             return settings
-        log.info(
-            "adapter %s was tuned with prompt template %s: its prompts use it (configured: %s)",
-            self.adapter.adapter_id,
-            template,
-            settings.prompts.template,
-        )
         prompts = settings.prompts.model_copy(update={"template": template})
         return settings.model_copy(update={"prompts": prompts})
 
@@ -83,6 +77,14 @@ def load_ranker(
     users = json.loads((directory / "user_ids.json").read_text())
     items = json.loads((directory / "item_ids.json").read_text())
     log.info("ranker: %s on %s (%s)", record.label, backbone.backbone_id, backbone.device)
+    if record.template_version != settings.prompts.template:
+        log.info(
+            "%s was tuned with prompt template %s: its prompts use it (RECRANKER_PROMPTS__"
+            "TEMPLATE=%s applies to new tuning)",
+            record.label,
+            record.template_version,
+            settings.prompts.template,
+        )
     return Ranker(
         model,
         backbone.tokenizer,

@@ -40,7 +40,9 @@ def test_an_adapter_keeps_its_prompt_template(
     assert settings.prompts.template == "rr-2"
     store = store_for(settings)
     champion = load_champion(url, store, cache_root(settings))
-    ranker = load_ranker(url, store, settings)
+    with caplog.at_level(logging.INFO, logger="recranker_core.ranker.batch"):
+        ranker = load_ranker(url, store, settings)
+    assert "tuned with prompt template rr-1" in caplog.text
     assert ranker is not None and ranker.adapter.adapter_id == adapter.adapter_id
     catalog = Catalog.from_database(url, champion.item_ids)
     watermark = data_watermark(url)
@@ -51,9 +53,7 @@ def test_an_adapter_keeps_its_prompt_template(
         assert result.llm_users == len(users)
         return {(r.user_id, r.rank): (r.item_id, r.score) for r in result.rows}
 
-    with caplog.at_level(logging.INFO, logger="recranker_core.ranker.batch"):
-        served = scores(ranker, settings)
-    assert "tuned with prompt template rr-1" in caplog.text
+    served = scores(ranker, settings)
     # The rr-1 wording scored them: the same as with the setting at rr-1, not as rr-2 would.
     as_configured = load_settings()
     as_configured.prompts.template = "rr-1"
