@@ -318,7 +318,10 @@ class RankSettings(BaseModel):
         "data watermark. Unset: every user with an interaction.",
     )
     chunk_size: int = Field(
-        4096, ge=1, description="Users scored per ONNX Runtime call in candidate generation."
+        256,
+        ge=1,
+        description="Users scored per ONNX Runtime call in candidate generation (inside a "
+        "shard too): memory grows with chunk x catalogue size.",
     )
     k: int = Field(10, ge=1, description="Recommendations kept per user in the published run.")
     mode: str = Field(
@@ -332,7 +335,10 @@ class RankSettings(BaseModel):
         "list); `recranker tune-weights` chooses them on validation users.",
     )
     shard_size: int = Field(
-        256, ge=1, description="Users per shard of a batch-ranking run (one task, one COPY)."
+        1024,
+        ge=1,
+        description="Users per shard of a batch-ranking run (one task, one COPY; the unit of "
+        "retry and resume).",
     )
     users_per_batch: int = Field(
         8, ge=1, description="Users whose prompts are scored together by the LLM."

@@ -249,7 +249,7 @@ def rank_shard(
             champion,
             user_ids,
             watermark,
-            chunk_size=max(1, len(user_ids)),
+            chunk_size=max(1, min(len(user_ids), settings.rank.chunk_size)),
             like_threshold=settings.retrain.like_threshold,
         )
         for c in chunk

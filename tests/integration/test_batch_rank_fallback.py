@@ -106,3 +106,27 @@ def test_unscorable_users_fall_back_and_failed_groups_are_split(
     assert refused.llm_retries == 2
     assert {r.source for r in refused.rows} == {"base"}
     assert all(r.rank == r.base_rank for r in refused.rows)
+
+
+def test_candidate_chunks_inside_a_shard_change_nothing(
+    tiny_pipeline: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard scores its users' candidates RECRANKER_RANK__CHUNK_SIZE at a time (memory is
+    bounded by the chunk, not the shard): any chunk size gives the same rows."""
+    from recranker_core.base.candidates import active_users, data_watermark, load_champion
+    from recranker_core.config import load_settings
+    from recranker_core.ranker.batch import cache_root, rank_shard
+    from tasks.common import store_for
+
+    url = str(tiny_pipeline["database_url"])
+    settings = load_settings()
+    champion = load_champion(url, store_for(settings), cache_root(settings))
+    watermark = data_watermark(url)
+    users = active_users(url, watermark, None)
+    rows = {}
+    for chunk in (7, 10_000):
+        monkeypatch.setenv("RECRANKER_RANK__CHUNK_SIZE", str(chunk))
+        result = rank_shard(url, champion, None, None, users, watermark, load_settings())
+        rows[chunk] = [(r.user_id, r.rank, r.item_id, r.base_rank, r.source) for r in result.rows]
+    assert len(users) > 7 * 3 and len(rows[7]) == len(users) * 10
+    assert rows[7] == rows[10_000]
