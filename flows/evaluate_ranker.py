@@ -34,10 +34,9 @@ def evaluate_ranker_flow(
     database_url = resolve_database(settings)
     ctx = load_base_task(database_url, settings)
     ranker = load_ranker_task(database_url, settings)
-    if ranker is not None:
-        settings = ranker.settings_for(settings)
     if ranker is None:
         raise ConfigError("no champion adapter to evaluate: run `recranker tune` first")
+    settings = ranker.settings_for(settings)
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)
     hints = BaseHints(ctx)
     limit = max_users or settings.rank.eval_max_users
@@ -47,6 +46,7 @@ def evaluate_ranker_flow(
     context = {
         "base model": f"{ctx.model_id} ({ctx.kind})",
         "adapter": ranker.adapter.label,
+        "prompt template": settings.prompts.template,
         "backbone": ranker.backbone_id,
         "users": limit or "all evaluable",
         "seconds": report.seconds,
@@ -59,7 +59,12 @@ def evaluate_ranker_flow(
         report,
         model_id=ctx.model_id,
         adapter_id=ranker.adapter.adapter_id,
-        params={"targets": targets, "max_users": limit, "weights": settings.rank.weights},
+        params={
+            "targets": targets,
+            "max_users": limit,
+            "weights": settings.rank.weights,
+            "template": settings.prompts.template,
+        },
         report_path=path,
     )
     publish_eval_artifacts(table_rows(report), str(path), report.weights)

@@ -111,7 +111,8 @@ def test_rank_publish_switch_and_evaluate(
     assert report.exists() and "<svg" in report.read_text()
     with psycopg.connect(url) as conn:
         stored = conn.execute(
-            "SELECT metrics FROM recranker.ranker_evaluations WHERE evaluation_id = %s",
+            "SELECT metrics, params FROM recranker.ranker_evaluations WHERE evaluation_id = %s",
             (result["evaluation_id"],),
         ).fetchone()
     assert stored is not None and stored[0]["hybrid"]["test"] == table["hybrid"]["test"]
+    assert stored[1]["template"] == "rr-2"  # the wording the adapter was scored with
