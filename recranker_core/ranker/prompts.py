@@ -265,27 +265,16 @@ def build_inference_prompts(
     base_order = _base_order(scores, shown)
     ordered = [(cands[x], cands[y]) for x, y in pairs]
     asked = [pair for x, y in ordered for pair in ((x, y), (y, x))]
-    if settings.template == "rr-2":
-        predicted = dict(zip(cands, predictions, strict=True))
-        layout = _Layout2(catalog, block, shown, [predicted[i] for i in shown], base_order)
-        prompts = [layout.pointwise(user, history, i, predicted[i], None) for i in cands]
-        prompts += [
-            layout.pairwise(user, history, x, y, _base_prefers(scores, x, y), None)
-            for x, y in asked
-        ]
-        if shown:
-            prompts.append(layout.listwise(user, history, top, None))
-        return prompts
-    prompts = [
-        _pointwise(catalog, user, block, history, item, predicted_item, None)
-        for item, predicted_item in zip(cands, predictions, strict=True)
-    ]
+    predicted = dict(zip(cands, predictions, strict=True))
+    layout = _layout(
+        settings.template, catalog, block, shown, [predicted[i] for i in shown], base_order
+    )
+    prompts = [layout.pointwise(user, history, i, predicted[i], None) for i in cands]
     prompts += [
-        _pairwise(catalog, user, block, history, x, y, _base_prefers(scores, x, y), None)
-        for x, y in asked
+        layout.pairwise(user, history, x, y, _base_prefers(scores, x, y), None) for x, y in asked
     ]
     if shown:
-        prompts.append(_listwise(catalog, user, block, history, shown, base_order, top, None))
+        prompts.append(layout.listwise(user, history, top, None))
     return prompts
 
 
@@ -306,25 +295,17 @@ def reorder_listwise(prompt: Prompt, catalog: Catalog, permutation: Sequence[int
     shown = [prompt.items[j] for j in perm]
     order = prompt.label.get("order")
     ratings = prompt.label.get("ratings")
-    if prompt.template == "rr-2":
+    block, predicted = prompt.prefix, []
+    if prompt.template == "rr-2":  # the candidate block is part of the prefix: cut it off
         cut = prompt.prefix.index("\n" + _CANDIDATES_HEADER) + 1
         block = prompt.prefix[len(_RR2_RULES) : cut]
         predicted = [float(prompt.hint["predicted_ratings"][j]) for j in perm]
-        layout = _Layout2(catalog, block, shown, predicted, [int(i) for i in prompt.hint["order"]])
-        return layout.listwise(
-            prompt.user,
-            prompt.history,
-            _listwise_top(prompt),
-            None if order is None else [int(i) for i in order],
-            None if ratings is None else [float(ratings[j]) for j in perm],
-        )
-    return _listwise(
-        catalog,
+    layout = _layout(
+        prompt.template, catalog, block, shown, predicted, [int(i) for i in prompt.hint["order"]]
+    )
+    return layout.listwise(
         prompt.user,
-        prompt.prefix,
         prompt.history,
-        shown,
-        [int(i) for i in prompt.hint["order"]],
         _listwise_top(prompt),
         None if order is None else [int(i) for i in order],
         None if ratings is None else [float(ratings[j]) for j in perm],
@@ -425,7 +406,7 @@ def _train_pointwise(
         predicted = layout.predicted[layout.shown.index(target)]
         return layout.pointwise(user, history, target, predicted, rating)
     (predicted,) = _predictions(hints, user, [target])
-    return _pointwise(catalog, user, block, history, target, predicted, rating)
+    return _Layout1(catalog, block).pointwise(user, history, target, predicted, rating)
 
 
 def _train_layout(
@@ -485,12 +466,12 @@ def _train_pairwise(
     first, second = (liked, other) if liked_first else (other, liked)
     hint_first = _base_prefers(scores, first, second)
     block = _history_block(catalog, history, rated, settings.template)
+    layout: _Layout1 | _Layout2 | None = _Layout1(catalog, block)
     if settings.template == "rr-2":
         layout = _train_layout(rng, data, catalog, hints, entry, block, [first, second], settings)
-        if layout is None:
-            return "too_few_unseen"
-        return layout.pairwise(user, history, first, second, hint_first, liked_first)
-    return _pairwise(catalog, user, block, history, first, second, hint_first, liked_first)
+    if layout is None:
+        return "too_few_unseen"
+    return layout.pairwise(user, history, first, second, hint_first, liked_first)
 
 
 def _train_listwise(
@@ -530,10 +511,10 @@ def _train_listwise(
     # Unseen candidates have no rating: 0, which ALRO's graded gain 2^r - 1 turns into no gain.
     ratings = [rated.get(i, 0.0) for i in shown]
     base_order = _base_order(scores, shown)
-    if settings.template == "rr-2":
-        layout = _Layout2(catalog, block, shown, _predictions(hints, user, shown), base_order)
-        return layout.listwise(user, history, k, order, ratings)
-    return _listwise(catalog, user, block, history, shown, base_order, k, order, ratings)
+    # Only rr-2 shows the candidates' predicted ratings.
+    predicted = _predictions(hints, user, shown) if settings.template == "rr-2" else []
+    layout = _layout(settings.template, catalog, block, shown, predicted, base_order)
+    return layout.listwise(user, history, k, order, ratings)
 
 
 # --- the wording: one per task, shared by training and inference ----------------------------
@@ -564,66 +545,89 @@ def _history_block(
     )
 
 
-def _pointwise(
+class _Layout1:
+    """Template rr-1: the prefix is the history block; each question names its own candidates
+    with their hint."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        block: str,
+        shown: list[int] | None = None,
+        base_order: list[int] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.prefix = block
+        self.shown = list(shown or [])
+        self.base_order = list(base_order or [])
+
+    def pointwise(
+        self, user: int, history: list[int], item: int, predicted: float, rating: int | None
+    ) -> Prompt:
+        question = (
+            f"Item: {self.catalog.describe(item)}\n"
+            f"A conventional model predicts {predicted:.1f}.\n"
+            "How would the user rate the item (1-5)? Answer with only the rating."
+        )
+        return _pointwise_prompt(
+            "rr-1", user, self.prefix, question, history, item, predicted, rating
+        )
+
+    def pairwise(
+        self,
+        user: int,
+        history: list[int],
+        first: int,
+        second: int,
+        hint_first: bool,
+        prefers_first: bool | None,
+    ) -> Prompt:
+        question = (
+            f"X: {self.catalog.describe(first)}\n"
+            f"Y: {self.catalog.describe(second)}\n"
+            f"A conventional model prefers {'X' if hint_first else 'Y'}.\n"
+            f"Would the user prefer X over Y? Answer with only {YES} or {NO}."
+        )
+        return _pairwise_prompt(
+            "rr-1", user, self.prefix, question, history, (first, second), hint_first,
+            prefers_first,
+        )  # fmt: skip
+
+    def listwise(
+        self,
+        user: int,
+        history: list[int],
+        top: int,
+        order: list[int] | None,
+        ratings: list[float] | None = None,
+    ) -> Prompt:
+        name = {item: IDENTIFIERS[j] for j, item in enumerate(self.shown)}
+        lines = "".join(f"{name[i]}: {self.catalog.describe(i)}\n" for i in self.shown)
+        question = (
+            f"Candidates:\n{lines}"
+            f"A conventional model ranks them: {', '.join(name[i] for i in self.base_order)}.\n"
+            f"Which {top} candidates would the user like most, best first? "
+            "Answer with only their letters, separated by commas."
+        )
+        return _listwise_prompt(
+            "rr-1", user, self.prefix, question, history, self.shown, self.base_order, order,
+            ratings, {},
+        )  # fmt: skip
+
+
+def _layout(
+    template: str,
     catalog: Catalog,
-    user: int,
-    prefix: str,
-    history: list[int],
-    item: int,
-    predicted: float,
-    rating: int | None,
-) -> Prompt:
-    question = (
-        f"Item: {catalog.describe(item)}\n"
-        f"A conventional model predicts {predicted:.1f}.\n"
-        "How would the user rate the item (1-5)? Answer with only the rating."
-    )
-    return _pointwise_prompt("rr-1", user, prefix, question, history, item, predicted, rating)
-
-
-def _pairwise(
-    catalog: Catalog,
-    user: int,
-    prefix: str,
-    history: list[int],
-    first: int,
-    second: int,
-    hint_first: bool,
-    prefers_first: bool | None,
-) -> Prompt:
-    question = (
-        f"X: {catalog.describe(first)}\n"
-        f"Y: {catalog.describe(second)}\n"
-        f"A conventional model prefers {'X' if hint_first else 'Y'}.\n"
-        f"Would the user prefer X over Y? Answer with only {YES} or {NO}."
-    )
-    return _pairwise_prompt(
-        "rr-1", user, prefix, question, history, (first, second), hint_first, prefers_first
-    )
-
-
-def _listwise(
-    catalog: Catalog,
-    user: int,
-    prefix: str,
-    history: list[int],
+    block: str,
     shown: list[int],
+    predicted: list[float],
     base_order: list[int],
-    top: int,
-    order: list[int] | None,
-    ratings: list[float] | None = None,
-) -> Prompt:
-    name = {item: IDENTIFIERS[j] for j, item in enumerate(shown)}
-    lines = "".join(f"{name[i]}: {catalog.describe(i)}\n" for i in shown)
-    question = (
-        f"Candidates:\n{lines}"
-        f"A conventional model ranks them: {', '.join(name[i] for i in base_order)}.\n"
-        f"Which {top} candidates would the user like most, best first? "
-        "Answer with only their letters, separated by commas."
-    )
-    return _listwise_prompt(
-        "rr-1", user, prefix, question, history, shown, base_order, order, ratings, {}
-    )
+) -> _Layout1 | _Layout2:
+    """The wording of `template` for prompts over the candidates `shown` (rr-1 does not show
+    their predicted ratings, so it ignores `predicted`)."""
+    if template == "rr-2":
+        return _Layout2(catalog, block, shown, predicted, base_order)
+    return _Layout1(catalog, block, shown, base_order)
 
 
 # The Prompt of each task, whichever template worded it: answer, label and hint are the same.
