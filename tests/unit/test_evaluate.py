@@ -8,18 +8,23 @@ from recranker_core.base.evaluate import evaluate_scores, target_ranks
 from recranker_core.base.split import build_split
 
 
-def tiny():
-    # One user: a, b (train likes), c (valid), d (test); items e, f never seen by this user.
-    rows = [
-        ("u", "a", 5, 1),
-        ("u", "b", 5, 2),
-        ("u", "c", 5, 3),
-        ("u", "d", 5, 4),
-        ("v", "e", 5, 1),
-        ("v", "f", 2, 2),
-    ]
+def split_of(rows):
     users, items, ratings, ts = zip(*rows, strict=True)
     return build_split(users, items, ratings, ts)
+
+
+def tiny():
+    # One user: a, b (train likes), c (valid), d (test); items e, f never seen by this user.
+    return split_of(
+        [
+            ("u", "a", 5, 1),
+            ("u", "b", 5, 2),
+            ("u", "c", 5, 3),
+            ("u", "d", 5, 4),
+            ("v", "e", 5, 1),
+            ("v", "f", 2, 2),
+        ]
+    )
 
 
 def fixed(scores: dict[str, float], data):
@@ -92,8 +97,7 @@ def test_held_out_item_seen_earlier_keeps_its_score():
         ("u", "d", 5, 5),
         ("v", "e", 5, 1),
     ]
-    users, items, ratings, ts = zip(*rows, strict=True)
-    data = build_split(users, items, ratings, ts)
+    data = split_of(rows)
     u = data.user_ids.index("u")
     c = data.item_ids.index("c")
     assert data.valid_item[u] == c and c in data.seen(u, "valid")
