@@ -261,6 +261,7 @@ def _cached_logprobs(
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     columns = torch.tensor(wanted, device=device)
     pad_id = _pad_id(tokenizer)
     out = [np.empty((len(u.suffixes), len(wanted))) for u in units]
@@ -292,7 +293,6 @@ def _cached_logprobs(
             row_cache = DynamicCache(
                 ddp_cache_data=[(k[owner], v[owner]) for k, v in layers], config=model.config
             )
-            dtype = next(model.parameters()).dtype
             allowed = torch.cat(
                 [
                     prefix_mask[owner][:, None, None, :].bool().expand(-1, 1, packed.width, -1),
