@@ -9,7 +9,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from recranker_core import registry
 from recranker_core.config import load_settings
 from tasks.common import resolve_database
 from tasks.ranking import (
@@ -47,10 +46,11 @@ def batch_rank_flow(
             llm_users = most_active_users(
                 database_url, users, watermark, settings.rank.llm_max_users
             )
-        adapter_id = serving_adapter_task(database_url, settings)
+        adapter = serving_adapter_task(database_url, settings)
+        adapter_id = adapter.adapter_id if adapter is not None else None
         prompts = settings.prompts.model_dump(mode="json")
-        if adapter_id is not None:  # the adapter scores with the template it was tuned with
-            prompts["template"] = registry.get_adapter(database_url, adapter_id).template_version
+        if adapter is not None:  # the adapter scores with the template it was tuned with
+            prompts["template"] = adapter.template_version
         state = runs.start_run(
             database_url,
             run_id=run_id,

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.base.candidates import ChampionScorer
 from recranker_core.config import Settings
 from recranker_core.ranker.batch import Ranker
+from recranker_core.registry import AdapterRecord
 from tasks.common import retry_transient, store_for
 
 
@@ -64,9 +65,9 @@ def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_transient,
 )
-def serving_adapter_task(database_url: str, settings: Settings) -> int | None:
-    """The adapter a batch-ranking run serves: the champion adapter's id, or None (a base-only
-    run) in mode `base` or while no adapter has been tuned."""
+def serving_adapter_task(database_url: str, settings: Settings) -> AdapterRecord | None:
+    """The adapter a batch-ranking run serves: the champion adapter, or None (a base-only run)
+    in mode `base` or while no adapter has been tuned."""
     from recranker_core import registry
 
     if settings.rank.mode == "base":
@@ -77,7 +78,7 @@ def serving_adapter_task(database_url: str, settings: Settings) -> int | None:
         get_run_logger().warning("no champion adapter: this run publishes base rankings only")
         return None
     get_run_logger().info("ranker adapter: %s", record.label)
-    return record.adapter_id
+    return record
 
 
 @task(
