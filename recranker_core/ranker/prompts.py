@@ -466,7 +466,7 @@ def _train_pairwise(
     first, second = (liked, other) if liked_first else (other, liked)
     hint_first = _base_prefers(scores, first, second)
     block = _history_block(catalog, history, rated, settings.template)
-    layout: _Layout1 | _Layout2 | None = _Layout1(catalog, block)
+    layout: _Layout | None = _Layout1(catalog, block)
     if settings.template == "rr-2":
         layout = _train_layout(rng, data, catalog, hints, entry, block, [first, second], settings)
     if layout is None:
@@ -545,9 +545,104 @@ def _history_block(
     )
 
 
-class _Layout1:
+class _Layout:
+    """A template's wording of the three tasks over the candidates `shown`: the subclasses
+    write the prefix and the questions; the Prompt of each task (answer, label, hint) is the
+    same whichever template worded it."""
+
+    template: str
+    catalog: Catalog
+    prefix: str
+    shown: list[int]
+    base_order: list[int]
+
+    def _pointwise_question(self, item: int, predicted: float) -> str:
+        raise NotImplementedError
+
+    def _pairwise_question(self, first: int, second: int, hint_first: bool) -> str:
+        raise NotImplementedError
+
+    def _listwise_question(self, top: int) -> str:
+        raise NotImplementedError
+
+    def _listwise_hint(self) -> dict[str, Any]:
+        return {}
+
+    def pointwise(
+        self, user: int, history: list[int], item: int, predicted: float, rating: int | None
+    ) -> Prompt:
+        return Prompt(
+            task="pointwise",
+            user=user,
+            prefix=self.prefix,
+            question=self._pointwise_question(item, predicted),
+            answer="" if rating is None else str(rating),
+            items=[item],
+            label={} if rating is None else {"rating": rating},
+            history=list(history),
+            hint={"predicted_rating": predicted},
+            template=self.template,
+        )
+
+    def pairwise(
+        self,
+        user: int,
+        history: list[int],
+        first: int,
+        second: int,
+        hint_first: bool,
+        prefers_first: bool | None,
+    ) -> Prompt:
+        return Prompt(
+            task="pairwise",
+            user=user,
+            prefix=self.prefix,
+            question=self._pairwise_question(first, second, hint_first),
+            answer="" if prefers_first is None else (YES if prefers_first else NO),
+            items=[first, second],
+            label={} if prefers_first is None else {"prefers_first": prefers_first},
+            history=list(history),
+            hint={"prefers_first": hint_first},
+            template=self.template,
+        )
+
+    def listwise(
+        self,
+        user: int,
+        history: list[int],
+        top: int,
+        order: list[int] | None,
+        ratings: list[float] | None = None,
+    ) -> Prompt:
+        name = {item: IDENTIFIERS[j] for j, item in enumerate(self.shown)}
+        label: dict[str, Any] = {}
+        if order is not None:
+            label = {"order": list(order), "identifiers": [name[i] for i in order]}
+            if ratings is not None:
+                label["ratings"] = list(ratings)
+        return Prompt(
+            task="listwise",
+            user=user,
+            prefix=self.prefix,
+            question=self._listwise_question(top),
+            answer=", ".join(label.get("identifiers", [])),
+            items=list(self.shown),
+            label=label,
+            history=list(history),
+            hint={
+                "order": self.base_order,
+                "identifiers": [name[i] for i in self.base_order],
+                **self._listwise_hint(),
+            },
+            template=self.template,
+        )
+
+
+class _Layout1(_Layout):
     """Template rr-1: the prefix is the history block; each question names its own candidates
     with their hint."""
+
+    template = "rr-1"
 
     def __init__(
         self,
@@ -561,162 +656,38 @@ class _Layout1:
         self.shown = list(shown or [])
         self.base_order = list(base_order or [])
 
-    def pointwise(
-        self, user: int, history: list[int], item: int, predicted: float, rating: int | None
-    ) -> Prompt:
-        question = (
+    def _pointwise_question(self, item: int, predicted: float) -> str:
+        return (
             f"Item: {self.catalog.describe(item)}\n"
             f"A conventional model predicts {predicted:.1f}.\n"
             "How would the user rate the item (1-5)? Answer with only the rating."
         )
-        return _pointwise_prompt(
-            "rr-1", user, self.prefix, question, history, item, predicted, rating
-        )
 
-    def pairwise(
-        self,
-        user: int,
-        history: list[int],
-        first: int,
-        second: int,
-        hint_first: bool,
-        prefers_first: bool | None,
-    ) -> Prompt:
-        question = (
+    def _pairwise_question(self, first: int, second: int, hint_first: bool) -> str:
+        return (
             f"X: {self.catalog.describe(first)}\n"
             f"Y: {self.catalog.describe(second)}\n"
             f"A conventional model prefers {'X' if hint_first else 'Y'}.\n"
             f"Would the user prefer X over Y? Answer with only {YES} or {NO}."
         )
-        return _pairwise_prompt(
-            "rr-1", user, self.prefix, question, history, (first, second), hint_first,
-            prefers_first,
-        )  # fmt: skip
 
-    def listwise(
-        self,
-        user: int,
-        history: list[int],
-        top: int,
-        order: list[int] | None,
-        ratings: list[float] | None = None,
-    ) -> Prompt:
+    def _listwise_question(self, top: int) -> str:
         name = {item: IDENTIFIERS[j] for j, item in enumerate(self.shown)}
         lines = "".join(f"{name[i]}: {self.catalog.describe(i)}\n" for i in self.shown)
-        question = (
+        return (
             f"Candidates:\n{lines}"
             f"A conventional model ranks them: {', '.join(name[i] for i in self.base_order)}.\n"
             f"Which {top} candidates would the user like most, best first? "
             "Answer with only their letters, separated by commas."
         )
-        return _listwise_prompt(
-            "rr-1", user, self.prefix, question, history, self.shown, self.base_order, order,
-            ratings, {},
-        )  # fmt: skip
 
 
-def _layout(
-    template: str,
-    catalog: Catalog,
-    block: str,
-    shown: list[int],
-    predicted: list[float],
-    base_order: list[int],
-) -> _Layout1 | _Layout2:
-    """The wording of `template` for prompts over the candidates `shown` (rr-1 does not show
-    their predicted ratings, so it ignores `predicted`)."""
-    if template == "rr-2":
-        return _Layout2(catalog, block, shown, predicted, base_order)
-    return _Layout1(catalog, block, shown, base_order)
-
-
-# The Prompt of each task, whichever template worded it: answer, label and hint are the same.
-
-
-def _pointwise_prompt(
-    template: str,
-    user: int,
-    prefix: str,
-    question: str,
-    history: list[int],
-    item: int,
-    predicted: float,
-    rating: int | None,
-) -> Prompt:
-    return Prompt(
-        task="pointwise",
-        user=user,
-        prefix=prefix,
-        question=question,
-        answer="" if rating is None else str(rating),
-        items=[item],
-        label={} if rating is None else {"rating": rating},
-        history=list(history),
-        hint={"predicted_rating": predicted},
-        template=template,
-    )
-
-
-def _pairwise_prompt(
-    template: str,
-    user: int,
-    prefix: str,
-    question: str,
-    history: list[int],
-    pair: tuple[int, int],
-    hint_first: bool,
-    prefers_first: bool | None,
-) -> Prompt:
-    return Prompt(
-        task="pairwise",
-        user=user,
-        prefix=prefix,
-        question=question,
-        answer="" if prefers_first is None else (YES if prefers_first else NO),
-        items=list(pair),
-        label={} if prefers_first is None else {"prefers_first": prefers_first},
-        history=list(history),
-        hint={"prefers_first": hint_first},
-        template=template,
-    )
-
-
-def _listwise_prompt(
-    template: str,
-    user: int,
-    prefix: str,
-    question: str,
-    history: list[int],
-    shown: list[int],
-    base_order: list[int],
-    order: list[int] | None,
-    ratings: list[float] | None,
-    more_hint: dict[str, Any],
-) -> Prompt:
-    name = {item: IDENTIFIERS[j] for j, item in enumerate(shown)}
-    label: dict[str, Any] = {}
-    if order is not None:
-        label = {"order": list(order), "identifiers": [name[i] for i in order]}
-        if ratings is not None:
-            label["ratings"] = list(ratings)
-    return Prompt(
-        task="listwise",
-        user=user,
-        prefix=prefix,
-        question=question,
-        answer=", ".join(label.get("identifiers", [])),
-        items=list(shown),
-        label=label,
-        history=list(history),
-        hint={"order": base_order, "identifiers": [name[i] for i in base_order], **more_hint},
-        template=template,
-    )
-
-
-class _Layout2:
+class _Layout2(_Layout):
     """Template rr-2: one prefix (how questions are answered, the history block, the candidates
     with their predicted ratings, the conventional model's order) shared by every prompt over
     the same candidates, and questions that only name identifiers."""
+
+    template = "rr-2"
 
     def __init__(
         self,
@@ -726,6 +697,7 @@ class _Layout2:
         predicted: list[float],
         base_order: list[int],
     ) -> None:
+        self.catalog = catalog
         self.shown = list(shown)
         self.predicted = list(predicted)
         self.base_order = list(base_order)
@@ -741,41 +713,32 @@ class _Layout2:
             f"The conventional model ranks them: {ranked}.\n"
         )
 
-    def pointwise(
-        self, user: int, history: list[int], item: int, predicted: float, rating: int | None
-    ) -> Prompt:
-        question = f"{self.name[item]} rating?"
-        return _pointwise_prompt(
-            "rr-2", user, self.prefix, question, history, item, predicted, rating
-        )
+    def _pointwise_question(self, item: int, predicted: float) -> str:
+        return f"{self.name[item]} rating?"
 
-    def pairwise(
-        self,
-        user: int,
-        history: list[int],
-        first: int,
-        second: int,
-        hint_first: bool,
-        prefers_first: bool | None,
-    ) -> Prompt:
-        question = f"{self.name[first]} over {self.name[second]}?"
-        return _pairwise_prompt(
-            "rr-2", user, self.prefix, question, history, (first, second), hint_first,
-            prefers_first,
-        )  # fmt: skip
+    def _pairwise_question(self, first: int, second: int, hint_first: bool) -> str:
+        return f"{self.name[first]} over {self.name[second]}?"
 
-    def listwise(
-        self,
-        user: int,
-        history: list[int],
-        top: int,
-        order: list[int] | None,
-        ratings: list[float] | None = None,
-    ) -> Prompt:
-        return _listwise_prompt(
-            "rr-2", user, self.prefix, f"Top {top}?", history, self.shown, self.base_order,
-            order, ratings, {"predicted_ratings": self.predicted},
-        )  # fmt: skip
+    def _listwise_question(self, top: int) -> str:
+        return f"Top {top}?"
+
+    def _listwise_hint(self) -> dict[str, Any]:
+        return {"predicted_ratings": self.predicted}
+
+
+def _layout(
+    template: str,
+    catalog: Catalog,
+    block: str,
+    shown: list[int],
+    predicted: list[float],
+    base_order: list[int],
+) -> _Layout:
+    """The wording of `template` for prompts over the candidates `shown` (rr-1 does not show
+    their predicted ratings, so it ignores `predicted`)."""
+    if template == "rr-2":
+        return _Layout2(catalog, block, shown, predicted, base_order)
+    return _Layout1(catalog, block, shown, base_order)
 
 
 # --- helpers ----------------------------------------------------------------------------------
