@@ -159,8 +159,17 @@ def sample_training_users(ctx: BaseContext, settings: Settings) -> Any:
 def base_candidates(
     ctx: BaseContext, users: npt.NDArray[np.int64], target: str, n: int
 ) -> npt.NDArray[np.int64]:
-    """The base model's top-n items per user for `target`, the protocol's exclusions applied
-    (the held-out item kept), scored in blocks like the full-ranking evaluation."""
+    """The base model's top-n items per user for `target` (see `base_candidate_scores`)."""
+    return base_candidate_scores(ctx, users, target, n)[0]
+
+
+def base_candidate_scores(
+    ctx: BaseContext, users: npt.NDArray[np.int64], target: str, n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """The base model's top-n items per user for `target`, best first, and their scores, the
+    protocol's exclusions applied (the held-out item kept), scored in blocks like the
+    full-ranking evaluation. For the test target a sequence model reads the sequence that
+    includes the validation like: these scores are the ones every hint of that target uses."""
     from recranker_core.base.evaluate import ScoreFn, masked_score_blocks
 
     score_fn: ScoreFn = ctx.model.full_scores
@@ -171,11 +180,37 @@ def base_candidates(
             return ctx.model.sequence_scores(batch, sequences)
 
     out = np.empty((users.size, n), dtype=np.int64)
+    values = np.empty((users.size, n), dtype=np.float64)
     for start, batch, scores in masked_score_blocks(score_fn, ctx.data, target, users):
         top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
         order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        out[start : start + batch.size] = np.take_along_axis(top, order, axis=1)
-    return out
+        top = np.take_along_axis(top, order, axis=1)
+        out[start : start + batch.size] = top
+        values[start : start + batch.size] = np.take_along_axis(scores, top, axis=1)
+    return out, values
+
+
+class CandidateHints:
+    """Hints that come from the scoring that produced the candidates (METHOD.md section 6): the
+    base order and the pairwise hints follow the candidates' order (best first; every other
+    item ranks below them), the pointwise hint is the rating model's. Evaluation and serving
+    use it, so that a prompt's base order is exactly its candidates' order, ties included."""
+
+    def __init__(self, ratings: Any, n_items: int, candidates: dict[int, list[int]]) -> None:
+        self.ratings = ratings  # anything with predict_ratings(user, items)
+        self.n_items = n_items
+        self.candidates = candidates  # user -> candidate items, best first
+
+    def item_scores(self, user: int) -> npt.NDArray[np.floating]:
+        items = np.asarray(self.candidates[user], dtype=np.int64)
+        scores = np.full(self.n_items, -np.inf)
+        # Strictly decreasing in candidate order: hints only read the order of these scores.
+        scores[items] = np.arange(items.size, 0, -1, dtype=np.float64)
+        return scores
+
+    def predict_ratings(self, user: int, items: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
+        predicted: npt.NDArray[np.floating] = self.ratings.predict_ratings(user, items)
+        return predicted
 
 
 # Evaluable users whose base candidates are computed to choose the validation users from.
