@@ -188,7 +188,10 @@ class PromptSettings(BaseModel):
     """The instruction prompts (METHOD.md section 4)."""
 
     history_max: int = Field(
-        50, ge=1, description="Most history items shown in a prompt (shuffled)."
+        50,
+        ge=1,
+        description="Most history items shown in a prompt (rr-3: the most recent, in time "
+        "order; rr-1/rr-2: a random sample, shuffled).",
     )
     listwise_candidates: int = Field(
         10, ge=2, le=26, description="Candidates in a training listwise prompt."
@@ -202,12 +205,20 @@ class PromptSettings(BaseModel):
         description="Candidate pairs asked per user at inference, each in both orders "
         "(0: all pairs).",
     )
+    pair_scheme: Literal["random", "neighbours"] = Field(
+        "random",
+        description="Pairs asked at inference: `random` (`pairwise_pairs` pairs, disjoint while "
+        "they can be: each candidate compared about once) or `neighbours` (each candidate "
+        "against the next one in the base order: 1-2, 2-3, ...); each pair in both orders.",
+    )
     seed: int = Field(0, description="Seed of position shifting and negative sampling.")
-    template: Literal["rr-1", "rr-2"] = Field(
-        "rr-2",
-        description="Prompt layout a new adapter is tuned with: `rr-2` puts the candidates in "
-        "the prefix all of a user's prompts share (short questions, a third fewer tokens "
-        "per user); `rr-1` repeats them in every question. Inference uses the adapter's own.",
+    template: Literal["rr-1", "rr-2", "rr-3"] = Field(
+        "rr-3",
+        description="Prompt layout a new adapter is tuned with: `rr-3` puts the candidates in "
+        "the prefix all of a user's prompts share (short questions) after the user's most "
+        "recent ratings in time order; `rr-2` is the same with a random history sample grouped "
+        "by rating; `rr-1` repeats the candidates in every question. Inference uses the "
+        "adapter's own template and history length.",
     )
 
 
@@ -230,8 +241,28 @@ class TuneSettings(BaseModel):
 
     profile: str = Field(
         "full",
-        description="`full` (the settings as given) or `cpu-demo` (a small sample and budget that "
+        description="`full` (the settings as given; a GPU work pool), `cpu` (the best tuning "
+        "that fits about an hour on 2 CPU cores) or `cpu-demo` (a small sample and budget that "
         "finishes in minutes on 2 CPU cores; used by `make demo`).",
+    )
+    training_data: Literal["served", "published"] = Field(
+        "served",
+        description="`served`: prompts built as serving builds them, from shadow base models "
+        "fitted before each user's last likes (candidates = the shadow model's top N, label = "
+        "the next like); `published`: RecRanker's published recipe (rated likes against random "
+        "unseen items, hints from models fitted on them).",
+    )
+    cuts_per_user: int = Field(
+        3,
+        ge=1,
+        description="Served training data: the last M train-period likes of each user that "
+        "become answers (the shadow models are fitted without them).",
+    )
+    packed: bool = Field(
+        True,
+        description="SFT trains one row per user and cut: the shared prefix and all of its "
+        "questions under the scorer's mask, loss on the answer token the scorer reads (false: "
+        "one prompt per question, loss on the whole answer).",
     )
     objective: Literal["sft", "alro", "dmpo"] = Field(
         "sft",
@@ -241,7 +272,9 @@ class TuneSettings(BaseModel):
     )
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
     epochs: int = Field(3, ge=1, description="Passes over the instruction mixture.")
-    batch_size: int = Field(8, ge=1, description="Prompts per micro-batch.")
+    batch_size: int = Field(
+        8, ge=1, description="Prompts (packed: rows of one user and cut) per micro-batch."
+    )
     grad_accumulation: int = Field(
         4, ge=1, description="Micro-batches per optimizer step (effective batch = product)."
     )
@@ -260,18 +293,24 @@ class TuneSettings(BaseModel):
     )
     eval_every: int = Field(50, ge=1, description="Optimizer steps between validation evaluations.")
     patience: int = Field(
-        3, ge=1, description="Evaluations without a better validation NDCG@10 before stopping."
+        3,
+        ge=1,
+        description="Evaluations without a better validation fused NDCG@3 before stopping.",
     )
     valid_users: int = Field(
-        200, ge=1, description="Fixed validation users scored at every evaluation."
+        200,
+        ge=1,
+        description="Fixed validation users (their validation item among the candidates) scored "
+        "at every evaluation; at least 100 make the fused NDCG@3 readable.",
     )
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps of the learning rate.")
     seed: int = Field(0, description="Seed of torch and the data order.")
     promotion_tolerance: float = Field(
         0.0,
         ge=0.0,
-        description="An adapter becomes champion unless its validation NDCG@10 is below the "
-        "champion adapter's by more than this.",
+        description="An adapter whose fused ranking beats the base order becomes champion "
+        "unless its validation fused NDCG@3 is below the champion adapter's (on the same users) "
+        "by more than this.",
     )
     alro_sll_weight: float = Field(
         1.0, ge=0.0, description="ALRO: weight of the Soft Lambda Loss (listwise prompts)."

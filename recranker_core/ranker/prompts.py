@@ -7,6 +7,9 @@ Two templates (`PromptSettings.template`; an adapter keeps the one it was tuned 
 - `rr-2` (METHOD.md section 6): the prefix holds the history *and* the candidate list with the
   conventional model's predicted ratings and order; each question is a few tokens that name
   identifiers ("C rating?", "C over F?", "Top 3?"), so a user costs about half the tokens.
+- `rr-3` (the default; METHOD.md section 4): rr-2's layout with the history as the user's most
+  recent ratings before the cut, oldest first, one line per item: the next like depends on
+  recency, which rr-2's random sample grouped by rating hides.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ if TYPE_CHECKING:
 
 # Stored with datasets and adapters; add a new version when wording changes. TEMPLATE_VERSION is
 # the one new adapters get by default (PromptSettings.template).
-TEMPLATES = ("rr-1", "rr-2")
-TEMPLATE_VERSION = "rr-2"
+TEMPLATES = ("rr-1", "rr-2", "rr-3")
+TEMPLATE_VERSION = "rr-3"
+# Templates whose shared prefix holds the candidate block (short questions).
+PREFIX_TEMPLATES = ("rr-2", "rr-3")
 IDENTIFIERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 TASKS = ("pointwise", "pairwise", "listwise")
 
@@ -254,12 +259,14 @@ def build_inference_prompts(
         # SplitData keeps no validation-period ratings, only that this item is a like: it is
         # shown at the like threshold, a lower bound of its true rating.
         rated[valid_item] = float(data.like_threshold)
-    history = _pick_history(rng, list(rated), settings.history_max)
+    history = _pick_history(rng, list(rated), settings.history_max, settings.template)
     block = _history_block(catalog, history, rated, settings.template)
     scores = _item_scores(hints, user, data.n_items)
     predictions = _predictions(hints, user, cands)
     # Both templates draw the same pairs and listwise order for a seed: only the wording differs.
     pairs = _inference_pairs(rng, len(cands), settings.pairwise_pairs)
+    if settings.pair_scheme == "neighbours":  # candidates come in base order
+        pairs = [(j, j + 1) for j in range(len(cands) - 1)]
     shown = [cands[j] for j in rng.permutation(len(cands))] if cands else []
     top = min(settings.listwise_top, len(shown))
     base_order = _base_order(scores, shown)
@@ -296,7 +303,7 @@ def reorder_listwise(prompt: Prompt, catalog: Catalog, permutation: Sequence[int
     order = prompt.label.get("order")
     ratings = prompt.label.get("ratings")
     block, predicted = prompt.prefix, []
-    if prompt.template == "rr-2":  # the candidate block is part of the prefix: cut it off
+    if prompt.template in PREFIX_TEMPLATES:  # the candidate block is in the prefix: cut it off
         cut = prompt.prefix.index("\n" + _CANDIDATES_HEADER) + 1
         block = prompt.prefix[len(_RR2_RULES) : cut]
         predicted = [float(prompt.hint["predicted_ratings"][j]) for j in perm]
@@ -395,10 +402,12 @@ def _train_pointwise(
     if len(items) < 2:
         return "too_few_ratings"
     target = items[int(rng.integers(len(items)))]
-    history = _pick_history(rng, [i for i in items if i != target], settings.history_max)
+    history = _pick_history(
+        rng, [i for i in items if i != target], settings.history_max, settings.template
+    )
     rating = _label_rating(rated[target])
     block = _history_block(catalog, history, rated, settings.template)
-    if settings.template == "rr-2":
+    if settings.template in PREFIX_TEMPLATES:
         # The target among unseen items, as a candidate list at inference holds it.
         layout = _train_layout(rng, data, catalog, hints, entry, block, [target], settings)
         if layout is None:
@@ -461,13 +470,13 @@ def _train_pairwise(
     rest = [i for i in items if i not in (liked, other)]
     if not rest:
         return "too_few_ratings"
-    history = _pick_history(rng, rest, settings.history_max)
+    history = _pick_history(rng, rest, settings.history_max, settings.template)
     liked_first = bool(rng.random() < 0.5)
     first, second = (liked, other) if liked_first else (other, liked)
     hint_first = _base_prefers(scores, first, second)
     block = _history_block(catalog, history, rated, settings.template)
     layout: _Layout | None = _Layout1(catalog, block)
-    if settings.template == "rr-2":
+    if settings.template in PREFIX_TEMPLATES:
         layout = _train_layout(rng, data, catalog, hints, entry, block, [first, second], settings)
     if layout is None:
         return "too_few_unseen"
@@ -501,7 +510,7 @@ def _train_listwise(
     rest = [i for i in items if i not in held_set]
     if not rest:
         return "too_few_ratings"
-    history = _pick_history(rng, rest, settings.history_max)
+    history = _pick_history(rng, rest, settings.history_max, settings.template)
     candidates = held + unseen
     shown = [candidates[j] for j in rng.permutation(len(candidates))]
     # Best first by rating; equal ratings in a random order, so that no tie-break leaks a bias.
@@ -511,8 +520,8 @@ def _train_listwise(
     # Unseen candidates have no rating: 0, which ALRO's graded gain 2^r - 1 turns into no gain.
     ratings = [rated.get(i, 0.0) for i in shown]
     base_order = _base_order(scores, shown)
-    # Only rr-2 shows the candidates' predicted ratings.
-    predicted = _predictions(hints, user, shown) if settings.template == "rr-2" else []
+    # Only rr-2 and rr-3 show the candidates' predicted ratings.
+    predicted = _predictions(hints, user, shown) if settings.template in PREFIX_TEMPLATES else []
     layout = _layout(settings.template, catalog, block, shown, predicted, base_order)
     return layout.listwise(user, history, k, order, ratings)
 
@@ -525,6 +534,12 @@ def _history_block(
 ) -> str:
     # Ratings are shown in every task, not only pointwise, so that all of a user's prompts share
     # this block as one prefix whose key/value cache the scorer computes once (METHOD.md 6).
+    if template == "rr-3":
+        # The most recent ratings, oldest first, one line per item: the order is the signal.
+        lines = [f"{catalog.describe(i)}: {_format_rating(rated[i])}\n" for i in history]
+        return "Ratings a user gave (1 = worst, 5 = best), oldest first:\n" + (
+            "".join(lines) if lines else "none yet\n"
+        )
     if template == "rr-2":
         # One line per rating, best first, the items of a line in the history's random order:
         # the same ratings as rr-1's one line per item in about 5 fewer tokens per item.
@@ -726,6 +741,13 @@ class _Layout2(_Layout):
         return {"predicted_ratings": self.predicted}
 
 
+class _Layout3(_Layout2):
+    """Template rr-3: rr-2's prefix and questions; its history block (`_history_block`) is the
+    most recent ratings in time order."""
+
+    template = "rr-3"
+
+
 def _layout(
     template: str,
     catalog: Catalog,
@@ -736,6 +758,8 @@ def _layout(
 ) -> _Layout:
     """The wording of `template` for prompts over the candidates `shown` (rr-1 does not show
     their predicted ratings, so it ignores `predicted`)."""
+    if template == "rr-3":
+        return _Layout3(catalog, block, shown, predicted, base_order)
     if template == "rr-2":
         return _Layout2(catalog, block, shown, predicted, base_order)
     return _Layout1(catalog, block, shown, base_order)
@@ -807,9 +831,17 @@ def _sample_unseen(
     return picked
 
 
-def _pick_history(rng: np.random.Generator, items: list[int], history_max: int) -> list[int]:
-    """Position shifting: a random order (and a random subset beyond `history_max`)."""
-    return [items[j] for j in rng.permutation(len(items))[:history_max]]
+def _pick_history(
+    rng: np.random.Generator, items: list[int], history_max: int, template: str = "rr-2"
+) -> list[int]:
+    """rr-1/rr-2: position shifting, a random order (and a random subset beyond
+    `history_max`). rr-3: the most recent `history_max` of `items` (given in time order), in
+    time order. The permutation is drawn either way, so the later draws of a seed (pairs, the
+    shown order) do not depend on the template."""
+    perm = rng.permutation(len(items))
+    if template == "rr-3":
+        return list(items[-history_max:]) if history_max > 0 else []
+    return [items[j] for j in perm[:history_max]]
 
 
 def _item_scores(hints: HintModel, user: int, n_items: int) -> npt.NDArray[np.floating]:

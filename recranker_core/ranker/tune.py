@@ -68,6 +68,38 @@ class Example:
 
 
 @dataclass(frozen=True)
+class PackedExample:
+    """One user's prompts at one cut in the inference layout (docs/METHOD.md section 5): the
+    shared prefix once, then every question side by side, each seeing the prefix and itself
+    (the scorer's mask); `answers[j]` is the token the scorer reads after question j."""
+
+    prefix: tuple[int, ...]
+    suffixes: tuple[tuple[int, ...], ...]
+    answers: tuple[int, ...]
+    tasks: tuple[str, ...]
+    task: str = "packed"
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(s) for s in self.suffixes)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Right-padded packed rows with their 4D additive mask and the answers to read."""
+
+    input_ids: Any  # [B, T]
+    attention_mask: Any  # [B, 1, T, T] additive (0 = may attend, dtype min = may not)
+    position_ids: Any  # [B, T]
+    keep: Any  # [K] the columns whose logits are computed (union of answer columns)
+    rows: Any  # [A] row of each answer
+    columns: Any  # [A] index into `keep` of each answer
+    targets: Any  # [A] answer token ids
+    tokens: int  # real tokens in the batch
+    tasks: list[str]
+
+
+@dataclass(frozen=True)
 class SlotBatch:
     """ALRO's listwise rows of a batch: the rows of the L examples, then of their twins."""
 
@@ -95,11 +127,29 @@ LossFn = Callable[[Any, Batch], Any]
 ValidateFn = Callable[[Any], dict[str, float]]
 
 
-def sft_loss(model: Any, batch: Batch) -> Any:
-    """Next-token cross-entropy on the answer tokens (the model shifts the labels)."""
+def sft_loss(model: Any, batch: Batch | PackedBatch) -> Any:
+    """Next-token cross-entropy on the answer tokens (the model shifts the labels); on packed
+    rows, the cross-entropy of each answer token at the position the scorer reads it."""
+    if isinstance(batch, PackedBatch):
+        return packed_loss(model, batch)
     return model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
     ).loss
+
+
+def packed_loss(model: Any, batch: PackedBatch) -> Any:
+    """Mean cross-entropy of the answers of packed rows: one forward pass per batch, logits
+    only at the answer columns."""
+    import torch
+
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep,
+    ).logits
+    read = logits[batch.rows, batch.columns].float()
+    return torch.nn.functional.cross_entropy(read, batch.targets)
 
 
 def sft_objective(settings: TuneSettings) -> LossFn:
@@ -279,12 +329,125 @@ def _slotted(
     )
 
 
+def encode_packed(
+    prompts: Sequence[Prompt], tokenizer: Any, max_length: int
+) -> tuple[list[PackedExample], int]:
+    """The labelled prompts grouped by user and shared prefix (in first-seen order), one packed
+    row each: the prefix tokens, each question's tokens, and the answer token the verbalizer
+    scorer reads after it (a rating digit, Yes/No, or the first identifier of a listwise
+    answer). A row longer than `max_length` keeps the questions that fit, in order. Returns
+    the rows and the number of questions left out."""
+    from recranker_core.ranker.prompts import NO, YES
+
+    groups: dict[tuple[int, str], list[tuple[str, str, int]]] = {}
+    prefixes: dict[tuple[int, str], str] = {}
+    ids_for: dict[int, dict[str, list[int]]] = {}
+    for p in prompts:
+        if not p.answer:
+            continue
+        prefix_text, suffix_text, _ = render(p, tokenizer)
+        n = len(p.items) if p.task == "listwise" else 0
+        if n not in ids_for:
+            ids_for[n] = verbalizer_ids(tokenizer, n)
+        ids = ids_for[n]
+        if p.task == "pointwise":
+            answer = ids["rating"][int(p.answer) - 1]
+        elif p.task == "pairwise":
+            answer = ids["pairwise"][0 if p.answer == YES else 1]
+            if p.answer not in (YES, NO):
+                raise DataError(f"a pairwise answer must be {YES} or {NO}, not {p.answer!r}")
+        else:
+            answer = ids["identifiers"][IDENTIFIERS.index(p.answer.split(",")[0].strip())]
+        key = (p.user, prefix_text)
+        prefixes[key] = prefix_text
+        groups.setdefault(key, []).append((suffix_text, p.task, answer))
+    rows: list[PackedExample] = []
+    dropped = 0
+    for key, questions in groups.items():
+        prefix = list(tokenizer(prefixes[key], add_special_tokens=False)["input_ids"])
+        suffixes = tokenizer([q[0] for q in questions], add_special_tokens=False)["input_ids"]
+        kept: list[int] = []
+        size = len(prefix)
+        for j, suffix in enumerate(suffixes):
+            if size + len(suffix) > max_length:
+                continue
+            kept.append(j)
+            size += len(suffix)
+        dropped += len(questions) - len(kept)
+        if not kept:
+            continue
+        rows.append(
+            PackedExample(
+                tuple(prefix),
+                tuple(tuple(suffixes[j]) for j in kept),
+                tuple(questions[j][2] for j in kept),
+                tuple(questions[j][1] for j in kept),
+            )
+        )
+    if dropped:
+        log.warning(
+            "%d questions did not fit in %d tokens with their prefix and were left out "
+            "(raise RECRANKER_TUNE__MAX_LENGTH or lower RECRANKER_PROMPTS__HISTORY_MAX)",
+            dropped,
+            max_length,
+        )
+    return rows, dropped
+
+
+def collate_packed(examples: Sequence[PackedExample], pad_id: int, device: Any) -> PackedBatch:
+    """Packed rows right-padded to one width, with the mask that lets each question see its
+    prefix and itself only (padding sees itself), positions that restart after the prefix for
+    every question, and where each answer is read."""
+    import torch
+
+    width = max(e.length for e in examples)
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(examples), width), dtype=np.int64)
+    segment = np.full((len(examples), width), -1, dtype=np.int64)
+    reads: list[tuple[int, int, int]] = []
+    for r, e in enumerate(examples):
+        p = len(e.prefix)
+        ids[r, :p] = e.prefix
+        positions[r, :p] = np.arange(p)
+        segment[r, :p] = 0
+        at = p
+        for j, (suffix, answer) in enumerate(zip(e.suffixes, e.answers, strict=True)):
+            ids[r, at : at + len(suffix)] = suffix
+            positions[r, at : at + len(suffix)] = p + np.arange(len(suffix))
+            segment[r, at : at + len(suffix)] = j + 1
+            at += len(suffix)
+            reads.append((r, at - 1, answer))
+    real = segment >= 0
+    key_ok = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    allowed = key_ok & real[:, None, :] & real[:, :, None] & np.tri(width, dtype=bool)[None]
+    allowed |= np.eye(width, dtype=bool)[None] & ~real[:, :, None]  # padding sees itself
+    dtype = torch.float32
+    mask = torch.zeros((len(examples), 1, width, width), dtype=dtype)
+    mask.masked_fill_(~torch.from_numpy(allowed)[:, None], torch.finfo(dtype).min)
+    keep = sorted({c for _, c, _ in reads})
+    index = {c: n for n, c in enumerate(keep)}
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids).to(device),
+        attention_mask=mask.to(device),
+        position_ids=torch.from_numpy(positions).to(device),
+        keep=torch.tensor(keep, dtype=torch.long, device=device),
+        rows=torch.tensor([r for r, _, _ in reads], dtype=torch.long, device=device),
+        columns=torch.tensor([index[c] for _, c, _ in reads], dtype=torch.long, device=device),
+        targets=torch.tensor([a for _, _, a in reads], dtype=torch.long, device=device),
+        tokens=int(real.sum()),
+        tasks=[t for e in examples for t in e.tasks],
+    )
+
+
 def encode_for(
     prompts: Sequence[Prompt], tokenizer: Any, settings: TuneSettings, catalog: Catalog
-) -> tuple[list[Example], int]:
+) -> tuple[list[Any], int]:
     """The examples `settings.objective` trains on, and how many prompts were left out:
-    SFT `encode_examples`; ALRO `encode_alro_examples`; DMPO `encode_dmpo_examples`."""
+    SFT `encode_packed` (or `encode_examples` when not packed); ALRO `encode_alro_examples`;
+    DMPO `encode_dmpo_examples`."""
     if settings.objective == "sft":
+        if settings.packed:
+            return encode_packed(prompts, tokenizer, settings.max_length)
         return encode_examples(prompts, tokenizer, settings.max_length)
     if settings.objective == "alro":
         return encode_alro_examples(
@@ -574,7 +737,7 @@ def apply_lora(model: Any, settings: TuneSettings) -> Any:
 def tune(
     model: Any,
     tokenizer: Any,
-    examples: Sequence[Example],
+    examples: Sequence[Any],
     validate: ValidateFn,
     settings: TuneSettings,
     work_dir: Path,
@@ -583,10 +746,12 @@ def tune(
     max_steps: int | None = None,
     progress: bool = True,
     init_adapter: Path | None = None,
+    select: str = "ndcg@10",
 ) -> TuneResult:
-    """Tune LoRA weights on `examples`; returns where the best adapter (by validation NDCG@10)
-    was saved. `work_dir` holds `checkpoint/` (resumed from when its fingerprint matches: same
-    data, settings, backbone, loss and starting adapter) and `best/`.
+    """Tune LoRA weights on `examples` (`Example`s, or `PackedExample` rows); returns where the
+    best adapter (by the validation metric `select`, e.g. the fused NDCG@3) was saved.
+    `work_dir` holds `checkpoint/` (resumed from when its fingerprint matches: same data,
+    settings, backbone, loss and starting adapter) and `best/`.
 
     `init_adapter` (a peft adapter directory, e.g. the SFT adapter DMPO starts from) is loaded
     trainable instead of fresh LoRA weights; its own LoRA configuration then applies. DMPO
@@ -603,7 +768,7 @@ def tune(
     peft_model = start_adapter(model, settings, init_adapter)
     device = next(peft_model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if any(e.answer_ids and not e.ref_logps for e in examples):
+    if any(getattr(e, "answer_ids", None) and not e.ref_logps for e in examples):
         examples = reference_logps(peft_model, examples, pad_id, settings.batch_size)
     if device.type == "cuda":
         # Activations dominate memory on a GPU; recomputing them costs ~30% more time.
@@ -655,7 +820,7 @@ def tune(
         peft_model.eval()
         metrics = validate(peft_model)
         peft_model.train()
-        score = metrics.get("ndcg@10", -math.inf)
+        score = metrics.get(select, -math.inf)
         state["history"].append({"step": state["step"], **metrics})
         if score > state["best"]:
             state.update(best=score, best_step=state["step"], best_metrics=metrics, bad_evals=0)
@@ -663,9 +828,10 @@ def tune(
         else:
             state["bad_evals"] += 1
         log.info(
-            "step %d: validation %s (best ndcg@10 %.4f at step %d)",
+            "step %d: validation %s (best %s %.4f at step %d)",
             state["step"],
             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            select,
             state["best"],
             state["best_step"],
         )
@@ -685,11 +851,16 @@ def tune(
         epoch, offset = divmod(state["micro"], per_epoch)
         order = np.random.default_rng(settings.seed + epoch).permutation(len(examples))
         batch_rows = order[offset * micro : (offset + 1) * micro]
-        batch = collate([examples[r] for r in batch_rows], pad_id, device)
+        chosen = [examples[r] for r in batch_rows]
+        if isinstance(chosen[0], PackedExample):
+            batch: Any = collate_packed(chosen, pad_id, device)
+            state["tokens"] += batch.tokens
+        else:
+            batch = collate(chosen, pad_id, device)
+            state["tokens"] += int(batch.attention_mask.sum())
         loss = loss_fn(peft_model, batch) / settings.grad_accumulation
         loss.backward()
         losses.append(float(loss.detach()) * settings.grad_accumulation)
-        state["tokens"] += int(batch.attention_mask.sum())
         state["micro"] += 1
         state["pending"] += 1
         if state["pending"] < settings.grad_accumulation and offset + 1 < per_epoch:
@@ -801,7 +972,7 @@ def _save_checkpoint(
 
 
 def _fingerprint(
-    examples: Sequence[Example],
+    examples: Sequence[Any],
     settings: TuneSettings,
     model: Any,
     loss_fn: LossFn,
@@ -809,6 +980,9 @@ def _fingerprint(
 ) -> str:
     digest = hashlib.sha256()
     for e in examples:
+        if isinstance(e, PackedExample):
+            digest.update(json.dumps([e.prefix, e.suffixes, e.answers]).encode())
+            continue
         _digest_example(digest, e)
         if e.twin is not None:
             _digest_example(digest, e.twin)
