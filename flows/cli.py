@@ -41,7 +41,7 @@ class Format(StrEnum):
 
 
 ProfileOption = Annotated[
-    str | None, typer.Option(help="`full` or `cpu-demo` (default RECRANKER_TUNE__PROFILE).")
+    str | None, typer.Option(help="`full`, `cpu` or `cpu-demo` (default RECRANKER_TUNE__PROFILE).")
 ]
 
 

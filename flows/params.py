@@ -23,7 +23,7 @@ FileFormat = Literal["movielens", "csv", "parquet"]
 BaseKind = Literal["mostpop", "mf", "lightgcn", "sasrec", "biasedmf"]
 RankMode = Literal["hybrid", "pointwise", "pairwise", "listwise", "base"]
 EvalTarget = Literal["valid", "test"]
-TuneProfile = Literal["full", "cpu-demo"]
+TuneProfile = Literal["full", "cpu", "cpu-demo"]
 TuneObjective = Literal["sft", "alro", "dmpo"]  # TuneSettings.objective
 
 
@@ -68,8 +68,8 @@ class TuneRankerParams(StageParams):
     )
     profile: TuneProfile | None = Field(
         None,
-        description="`full` (the settings as given) or `cpu-demo` (minutes on 2 CPU cores); "
-        "empty: RECRANKER_TUNE__PROFILE.",
+        description="`full` (the settings as given), `cpu` (about an hour on 2 CPU cores) or "
+        "`cpu-demo` (minutes on 2 CPU cores); empty: RECRANKER_TUNE__PROFILE.",
     )
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps; empty: no cap."

@@ -42,12 +42,14 @@ class Ranker:
     device: str
 
     def settings_for(self, settings: Any) -> Any:
-        """`settings` with the prompt template this adapter was tuned with: its wording is the
-        one it scores (`RECRANKER_PROMPTS__TEMPLATE` only chooses the template of new tuning)."""
-        template = self.adapter.template_version
-        if settings.prompts.template == template:
+        """`settings` with the prompt settings this adapter was tuned with (template, history
+        length, pair scheme): its wording is the one it scores (`RECRANKER_PROMPTS__*` only
+        choose those of new tuning)."""
+        from recranker_core.ranker.tuning import adapter_prompt_settings
+
+        prompts = adapter_prompt_settings(self.adapter, settings.prompts)
+        if prompts is settings.prompts:
             return settings
-        prompts = settings.prompts.model_copy(update={"template": template})
         return settings.model_copy(update={"prompts": prompts})
 
 

@@ -30,24 +30,49 @@ from recranker_core.store import ArtifactStore, StoredArtifact, fetch_cached
 
 log = logging.getLogger(__name__)
 
+# What `make demo` runs: minutes on 2 CPU cores, too small a budget to learn much.
 CPU_DEMO = {
-    "sampling": {"users": 40},
+    "sampling": {"users": 24},
     "prompts": {"history_max": 8},
     "tune": {
         "epochs": 1,
         "batch_size": 4,
         "grad_accumulation": 2,
-        "eval_every": 8,
-        "valid_users": 24,
+        "eval_every": 3,
+        "valid_users": 40,
         "max_length": 768,
         "warmup_steps": 2,
+        "cuts_per_user": 2,
+        "lr": 5e-4,
     },
 }
 
+# The best tuning that fits about an hour on 2 CPU cores (docs/METHOD.md section 5; the choices
+# and how they were made are in README's profile table and BENCHMARKS.md).
+CPU = {
+    "sampling": {"users": 120},
+    "prompts": {"history_max": 20},
+    "tune": {
+        "epochs": 1,
+        "batch_size": 2,
+        "grad_accumulation": 4,
+        "eval_every": 15,
+        "valid_users": 100,
+        "max_length": 1024,
+        "warmup_steps": 5,
+        "cuts_per_user": 3,
+        "lr": 5e-4,
+        "patience": 3,
+    },
+}
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {"cpu-demo": CPU_DEMO, "cpu": CPU}
+_PROFILE_NAMES = {"cpu-demo": "CPU demo profile", "cpu": "CPU profile"}
+
 
 def effective_settings(settings: Settings) -> tuple[Settings, str]:
-    """The settings a run uses: as given (`full`), or with the CPU demo profile's small sample
-    and budget laid over them. Returns them with a line saying which."""
+    """The settings a run uses: as given (`full`), or with a CPU profile's sample and budget
+    laid over them. Returns them with a line saying which."""
     from recranker_core.ranker.tune import OBJECTIVES
 
     if settings.tune.objective not in OBJECTIVES:
@@ -58,13 +83,17 @@ def effective_settings(settings: Settings) -> tuple[Settings, str]:
     profile = settings.tune.profile
     if profile == "full":
         return settings, "profile full (settings as given)"
-    if profile != "cpu-demo":
-        raise ConfigError(f"RECRANKER_TUNE__PROFILE={profile!r}: use 'full' or 'cpu-demo'")
+    if profile not in PROFILES:
+        raise ConfigError(
+            f"RECRANKER_TUNE__PROFILE={profile!r}: use 'full', {', '.join(map(repr, PROFILES))}"
+        )
     data = settings.model_dump()
-    for section, values in CPU_DEMO.items():
+    for section, values in PROFILES[profile].items():
         data[section].update(values)
-    shown = ", ".join(f"{s}.{k}={v}" for s, vals in CPU_DEMO.items() for k, v in vals.items())
-    return type(settings).model_validate(data), f"CPU demo profile ({shown})"
+    shown = ", ".join(
+        f"{s}.{k}={v}" for s, vals in PROFILES[profile].items() for k, v in vals.items()
+    )
+    return type(settings).model_validate(data), f"{_PROFILE_NAMES[profile]} ({shown})"
 
 
 @dataclass
@@ -220,20 +249,35 @@ VALIDATION_SCAN_USERS = 20_000
 @dataclass
 class ValidationSet:
     """Fixed validation users whose validation item is among the base model's candidates (the
-    only users a re-ranker can change), with their listwise prompts."""
+    only users a re-ranker can change): their candidates in base order with the base scores,
+    and every inference prompt of each user (all three tasks, one shared prefix)."""
 
     users: npt.NDArray[np.int64]
     targets: npt.NDArray[np.int64]  # each user's validation item
-    candidates: npt.NDArray[np.int64]
-    prompts: list[Prompt]
+    candidates: npt.NDArray[np.int64]  # [users, N], base order
+    base_scores: npt.NDArray[np.float64]  # [users, N]
+    prompts: list[list[Prompt]]  # per user, all of its inference prompts
     base_metrics: dict[str, float]
     hit_share: float  # share of evaluable users whose validation item is a candidate
     counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> npt.NDArray[np.int64]:
+        return np.argmax(self.candidates == self.targets[:, None], axis=1).astype(np.int64)
+
+    def listwise_prompts(self) -> list[Prompt]:
+        return [next(p for p in mine if p.task == "listwise") for mine in self.prompts]
+
+
+# Fewer validation users than this make the fused NDCG@3 too noisy to stop on (docs/METHOD.md 5).
+MIN_VALIDATION_USERS = 100
 
 
 def validation_set(
     ctx: BaseContext, catalog: Catalog, hints: BaseHints, settings: Settings
 ) -> ValidationSet:
+    """`settings.tune.valid_users` users (seeded) among those whose validation item is a
+    candidate, with prompts whose hints come from the candidates' own scoring."""
     from recranker_core.base.evaluate import sample_evaluable_users
 
     n = settings.retrain.candidates
@@ -246,29 +290,31 @@ def validation_set(
     scan = sample_evaluable_users(ctx.data, VALIDATION_SCAN_USERS, settings.tune.seed)
     if scan is not None:
         evaluable = scan
-    cands = base_candidates(ctx, evaluable, "valid", n)
+    cands, scores = base_candidate_scores(ctx, evaluable, "valid", n)
     hit = cands == ctx.data.valid_item[evaluable][:, None]
     hits = np.flatnonzero(hit.any(axis=1))
     if hits.size == 0:
         raise DataError(
             "no validation item is among the base model's candidates: nothing to re-rank"
         )
-    rng = np.random.default_rng(settings.tune.seed)
-    keep = np.sort(rng.choice(hits, size=min(settings.tune.valid_users, hits.size), replace=False))
-    users, chosen = evaluable[keep], cands[keep]
-    prompts = []
-    for user, row in zip(users.tolist(), chosen, strict=True):
-        built = build_inference_prompts(
-            ctx.data, catalog, hints, user, row.tolist(), "valid", settings.prompts
+    wanted = settings.tune.valid_users
+    if wanted < MIN_VALIDATION_USERS and hits.size > wanted:
+        log.warning(
+            "%d validation users: fewer than %d make the fused NDCG@3 that early stopping reads "
+            "noisy (RECRANKER_TUNE__VALID_USERS)",
+            wanted,
+            MIN_VALIDATION_USERS,
         )
-        prompts.append(next(p for p in built if p.task == "listwise"))
-    base_ranks = np.argmax(hit[keep], axis=1)
-    return ValidationSet(
+    rng = np.random.default_rng(settings.tune.seed)
+    keep = np.sort(rng.choice(hits, size=min(wanted, hits.size), replace=False))
+    users, chosen = evaluable[keep], cands[keep]
+    valid = ValidationSet(
         users,
         ctx.data.valid_item[users].astype(np.int64),
         chosen,
-        prompts,
-        rank_metrics(base_ranks, DEFAULT_KS),
+        scores[keep],
+        [],
+        rank_metrics(np.argmax(hit[keep], axis=1), DEFAULT_KS),
         float(hits.size / evaluable.size),
         {
             "evaluable": all_evaluable,
@@ -276,6 +322,26 @@ def validation_set(
             "with_item_in_candidates": int(hits.size),
         },
     )
+    valid.prompts = validation_prompts(ctx, catalog, hints, valid, settings.prompts)
+    return valid
+
+
+def validation_prompts(
+    ctx: BaseContext, catalog: Catalog, hints: Any, valid: ValidationSet, prompt_settings: Any
+) -> list[list[Prompt]]:
+    """Every inference prompt of each validation user under `prompt_settings` (an adapter's
+    own template and history length), hints from the candidates' own order."""
+    candidate_hints = CandidateHints(
+        hints,
+        ctx.data.n_items,
+        {int(u): row.tolist() for u, row in zip(valid.users, valid.candidates, strict=True)},
+    )
+    return [
+        build_inference_prompts(
+            ctx.data, catalog, candidate_hints, int(u), row.tolist(), "valid", prompt_settings
+        )
+        for u, row in zip(valid.users, valid.candidates, strict=True)
+    ]
 
 
 def listwise_ranks(
@@ -290,15 +356,305 @@ def listwise_ranks(
     return ranks
 
 
-def make_validate(valid: ValidationSet, tokenizer: Any, batch_size: int) -> Any:
-    """The tuning loop's validation: listwise verbalizer scores on the fixed users."""
-    from recranker_core.ranker.score import listwise_scores
+# The validation metric tuning keeps the best step by (docs/METHOD.md section 5).
+SELECT_METRIC = "fused_ndcg@3"
 
-    def validate(model: Any) -> dict[str, float]:
-        scores = listwise_scores(model, tokenizer, valid.prompts, batch_size=batch_size)
-        return rank_metrics(listwise_ranks(valid.prompts, scores, valid.targets), DEFAULT_KS)
 
-    return validate
+class Validator:
+    """The tuning loop's validation: every task's verbalizer scores of the fixed users, the
+    fused ranking's cross-fitted NDCG@3 against the base order of the same candidates (the
+    guard's measurement), and the listwise order's NDCG for reference. Keeps each call's
+    guard decision, so the best step's decision is known without scoring again."""
+
+    def __init__(
+        self, valid: ValidationSet, tokenizer: Any, batch_size: int, seed: int = 0
+    ) -> None:
+        self.valid = valid
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.decisions: list[Any] = []
+
+    def scored(self, model: Any, prompts: list[list[Prompt]] | None = None) -> list[Any]:
+        """The validation users as fusion.ScoredUser, scored by `model`."""
+        from recranker_core.ranker.fusion import ScoredUser
+        from recranker_core.ranker.score import score_users
+
+        v = self.valid
+        work = [
+            (int(u), row.tolist(), mine)
+            for u, row, mine in zip(v.users, v.candidates, prompts or v.prompts, strict=True)
+        ]
+        scores = score_users(model, self.tokenizer, work, batch_size=self.batch_size)
+        return [
+            ScoredUser(int(s.user), v.base_scores[n], s.pointwise, s.pairwise, s.listwise, pos)
+            for n, (s, pos) in enumerate(zip(scores, v.positions.tolist(), strict=True))
+        ]
+
+    def decide(self, scored: list[Any]) -> Any:
+        from recranker_core.ranker.fusion import cross_fit_guard
+
+        return cross_fit_guard(scored, len(scored), k=3, seed=self.seed)
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        from recranker_core.ranker.fusion import FusedWeights, per_user_ndcg
+
+        scored = self.scored(model)
+        decision = self.decide(scored)
+        self.decisions.append(decision)
+        listwise = FusedWeights(0.0, 0.0, 0.0, 1.0)
+        return {
+            SELECT_METRIC: float(decision.fused_ndcg),
+            "base_ndcg@3": float(decision.base_ndcg),
+            "gain": float(decision.gain),
+            "se": float(decision.se),
+            "listwise_ndcg@3": float(per_user_ndcg(scored, listwise, 3).mean()),
+            "listwise_ndcg@10": float(per_user_ndcg(scored, listwise, 10).mean()),
+        }
+
+
+def make_validate(valid: ValidationSet, tokenizer: Any, batch_size: int) -> Validator:
+    """The tuning loop's validation (`Validator`)."""
+    return Validator(valid, tokenizer, batch_size)
+
+
+def build_training_data(
+    ctx: BaseContext, catalog: Catalog, users: npt.NDArray[np.int64], settings: Settings
+) -> tuple[list[Prompt], dict[str, int]]:
+    """The instruction prompts of the sampled `users` (`settings.tune.training_data`): on the
+    served task (shadow base models of the champion's kind fitted before each user's last
+    likes; docs/METHOD.md section 4a), or RecRanker's published recipe."""
+    from recranker_core.ranker.prompts import build_training_prompts
+    from recranker_core.ranker.served_data import (
+        build_served_prompts,
+        shadow_split,
+        train_shadow_models,
+    )
+
+    if settings.tune.training_data == "published":
+        return build_training_prompts(ctx.data, catalog, BaseHints(ctx), users, settings.prompts)
+    shadow = shadow_split(ctx.data, settings.tune.cuts_per_user)
+    models = train_shadow_models(ctx.kind, shadow, settings.base)
+    prompts, counts = build_served_prompts(
+        shadow, models, catalog, users, settings.prompts, settings.retrain.candidates
+    )
+    counts = {**shadow.counts, **counts}
+    log.info(
+        "served-task data: %d prompts at %d cuts (the shadow model had the next like among its "
+        "%d candidates at %d of them)",
+        len(prompts),
+        counts["cuts"],
+        settings.retrain.candidates,
+        counts["shadow_hits"],
+    )
+    return prompts, counts
+
+
+def adapter_prompt_settings(record: registry.AdapterRecord, prompts: Any) -> Any:
+    """`prompts` (PromptSettings) with what an adapter was tuned with: its template, history
+    length and pair scheme score it (the settings choose them for new tuning only)."""
+    tuned = dict(record.lineage.get("prompts") or {})
+    update = {"template": record.template_version}
+    for key in ("history_max", "pair_scheme", "pairwise_pairs", "listwise_top"):
+        if key in tuned:
+            update[key] = tuned[key]
+    if all(getattr(prompts, k) == v for k, v in update.items()):
+        return prompts
+    return prompts.model_copy(update=update)
+
+
+def run_tuning(
+    ctx: BaseContext,
+    prompts: list[Prompt],
+    catalog: Catalog,
+    sample: Any,
+    dataset_uri: str,
+    settings: Settings,
+    database_url: str,
+    store: ArtifactStore,
+    *,
+    max_steps: int | None = None,
+    start: registry.AdapterRecord | None = None,
+    experiment: str | None = None,
+) -> dict[str, Any]:
+    """Tune an adapter on `prompts`, keep the step whose fused ranking scores best on the fixed
+    validation users, decide whether its fusion is served (the guard), gate it against the
+    base order and the champion adapter on the same users, store and register it."""
+    from recranker_core.ranker.backbone import load_backbone
+    from recranker_core.ranker.prompts import verbalizer_ids
+    from recranker_core.ranker.tune import OBJECTIVES, encode_for, tune
+
+    objective = settings.tune.objective
+    loss_fn = OBJECTIVES[objective](settings.tune)
+    backbone = load_backbone(settings.backbone, settings.home)
+    verbalizer_ids(backbone.tokenizer, settings.retrain.candidates)  # fails early, clearly
+    cache = settings.home / "cache" / "artifacts"
+    init_adapter = None
+    if start is not None:
+        init_adapter = fetch_adapter(start, store, cache, backbone.backbone_hash)
+    examples, dropped = encode_for(prompts, backbone.tokenizer, settings.tune, catalog)
+    hints = BaseHints(ctx)
+    valid = validation_set(ctx, catalog, hints, settings)
+    log.info(
+        "%s: %d training examples (%d left out), %d validation users (%.1f%% of evaluable users "
+        "have their validation item among the candidates); base ndcg@3 on them %.4f",
+        objective,
+        len(examples),
+        dropped,
+        len(valid.users),
+        100 * valid.hit_share,
+        valid.base_metrics["ndcg@3"],
+    )
+    validator = Validator(
+        valid, backbone.tokenizer, settings.rank.score_batch_size, seed=settings.tune.seed
+    )
+    run_name = f"{ctx.model_id}-{objective}" + (f"-{experiment}" if experiment else "")
+    if start is not None:
+        run_name += f"-from-{start.adapter_id}"
+    result = tune(
+        backbone.model,
+        backbone.tokenizer,
+        examples,
+        validator,
+        settings.tune,
+        settings.home / "tuning" / run_name,
+        loss_fn=loss_fn,
+        max_steps=max_steps,
+        init_adapter=init_adapter,
+        select=SELECT_METRIC,
+    )
+    decision = _best_decision(result, validator, settings)
+    log.info("guard: %s", decision.reason)
+    gate = None
+    if experiment is None:
+        champion = registry.champion_adapter(database_url)
+        mine = None
+        if champion is not None:
+            mine = champion_on_users(champion, valid, validator, ctx, catalog, settings, store)
+        gate = registry.adapter_gate(decision, mine, settings.tune.promotion_tolerance)
+    started_from = {}
+    if start is not None:
+        # DMPO's policy starts from this adapter and its reference is this adapter, frozen.
+        started_from = {"init_adapter_id": start.adapter_id, "init_adapter_uri": start.artifact_uri}
+    metrics: dict[str, Any] = {
+        "valid": result.best_metrics,
+        "valid_base": valid.base_metrics,
+        "fusion": decision.as_json(),
+    }
+    outcome = publish_adapter(
+        result.adapter_dir,
+        ctx,
+        {
+            "objective": objective,
+            "backbone_id": backbone.backbone_id,
+            "backbone_hash": backbone.backbone_hash,
+            "template_version": settings.prompts.template,
+            "base_model_id": ctx.model_id,
+            "data_watermark": ctx.data.watermark.isoformat() if ctx.data.watermark else None,
+            "sampled_users": int(len(sample.users)),
+            "sampled_distinct_users": int(sample.counts.get("final_distinct", 0)),
+            "dataset": dataset_uri,
+            "hyperparameters": settings.tune.model_dump(mode="json"),
+            "lineage": {
+                "sampling": sample.counts,
+                "prompts": settings.prompts.model_dump(mode="json"),
+                "training_data": settings.tune.training_data,
+                "validation_users": len(valid.users),
+                "validation_hit_share": valid.hit_share,
+                "best_step": result.best_step,
+                "steps": result.steps,
+                "device": backbone.device,
+                "dtype": backbone.dtype,
+                **started_from,
+                **({"experiment": experiment} if experiment else {}),
+            },
+        },
+        metrics,
+        store,
+        database_url,
+        gate,
+    )
+    return {
+        "note": kept_start_note(result.steps, result.best_step, objective),
+        "adapter_id": outcome.adapter_id,
+        "promoted": outcome.promoted,
+        "reason": outcome.reason,
+        "artifact_uri": outcome.artifact_uri,
+        "metrics": metrics,
+        "fusion": decision.as_json(),
+        "history": result.history,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "seconds": round(result.seconds, 1),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "resumed_from": result.resumed_from,
+        "backbone": backbone.backbone_id,
+        "device": backbone.device,
+        "objective": objective,
+        "training_examples": len(examples),
+        **started_from,
+    }
+
+
+def _best_decision(result: Any, validator: Validator, settings: Settings) -> Any:
+    """The guard decision of the kept step: the one its validation made, or (a resumed run
+    did not see every validation) the kept adapter's scored again."""
+    steps = [int(h["step"]) for h in result.history]
+    if len(validator.decisions) == len(steps) and result.best_step in steps:
+        return validator.decisions[steps.index(result.best_step)]
+    from peft import PeftModel
+
+    from recranker_core.ranker.backbone import load_backbone
+
+    fresh = load_backbone(settings.backbone, settings.home)
+    model = PeftModel.from_pretrained(fresh.model, result.adapter_dir)
+    model.eval()
+    validator(model)
+    return validator.decisions[-1]
+
+
+def champion_on_users(
+    champion: registry.AdapterRecord,
+    valid: ValidationSet,
+    validator: Validator,
+    ctx: BaseContext,
+    catalog: Catalog,
+    settings: Settings,
+    store: ArtifactStore,
+) -> Any:
+    """The champion adapter's guard decision on the candidate's validation users: the stored
+    one when it was measured on the same users, else measured now with the champion's own
+    prompt settings. None when the champion cannot run on the configured backbone (it could
+    not be served either; the candidate is then compared with the base order only)."""
+    from peft import PeftModel
+
+    from recranker_core.ranker.backbone import load_backbone
+    from recranker_core.ranker.fusion import GuardDecision, users_hash
+
+    stored = champion.metrics.get("fusion")
+    if stored:
+        decision = GuardDecision.from_json(stored)
+        if decision.users_hash == users_hash(valid.users.tolist()) and decision.k == 3:
+            return decision
+    fresh = load_backbone(settings.backbone, settings.home)
+    if champion.backbone_hash != fresh.backbone_hash:
+        log.warning(
+            "champion adapter %s was tuned on another backbone: the candidate is compared with "
+            "the base order only",
+            champion.label,
+        )
+        return None
+    directory = fetch_adapter(
+        champion, store, settings.home / "cache" / "artifacts", fresh.backbone_hash
+    )
+    model = PeftModel.from_pretrained(fresh.model, directory)
+    model.eval()
+    prompts = validation_prompts(
+        ctx, catalog, BaseHints(ctx), valid, adapter_prompt_settings(champion, settings.prompts)
+    )
+    decision = validator.decide(validator.scored(model, prompts))
+    log.info("champion %s on the same validation users: %s", champion.label, decision.reason)
+    return decision
 
 
 def write_dataset(
@@ -336,13 +692,12 @@ def publish_adapter(
     metrics: dict[str, dict[str, float]],
     store: ArtifactStore,
     database_url: str,
-    tolerance: float,
-    *,
-    gate: bool = True,
+    decision: registry.GateDecision | None,
 ) -> AdapterOutcome:
-    """Store the adapter + hint regressor + metrics with a manifest, register it, and promote it
-    if its validation NDCG@10 passes the gate against the champion adapter. Without `gate` (an
-    experiment's adapters) it stays a candidate: never champion, never rejected."""
+    """Store the adapter + hint regressor + metrics with a manifest, register it, and promote or
+    reject it as the gate `decision` says (`adapter_gate`: its fused ranking against the base
+    order and the champion adapter on the same users). Without a decision (an experiment's
+    adapters) it stays a candidate: never champion, never rejected."""
     import shutil
 
     import torch
@@ -373,10 +728,9 @@ def publish_adapter(
         files={path: entry.sha256 for path, entry in stored.manifest.files.items()},
         lineage={"prefix": stored.prefix, **manifest_meta.get("lineage", {})},
     )
-    if not gate:
+    if decision is None:
         reason = "experiment adapter: registered as a candidate, not gated"
         return AdapterOutcome(adapter_id, False, reason, stored.uri, stored.prefix)
-    decision = registry.gate(metrics, registry.champion_adapter(database_url), tolerance)
     if decision.promote:
         registry.promote_adapter(database_url, adapter_id, decision.reason)
     else:
