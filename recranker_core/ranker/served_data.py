@@ -56,6 +56,9 @@ class ShadowData:
     # Per user, the train-period ratings in time order: (items, values).
     ratings: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]
     counts: dict[str, int] = field(default_factory=dict)
+    # Per user, the items of the validation and test periods: never offered as candidates (their
+    # ratings are not in the train period, so a prompt would call them not liked).
+    future: dict[int, set[int]] = field(default_factory=dict)
 
 
 def user_ratings(
@@ -165,7 +168,13 @@ def shadow_split(data: SplitData, cuts_per_user: int) -> ShadowData:
         "train_ratings": int(np.asarray(data.rating_values).size),
     }
     shadow.stats = dict(counts)
-    return ShadowData(shadow, cuts, per_user, counts)
+    future: dict[int, set[int]] = {}
+    for user in cuts:
+        train = set(per_user[user][0].tolist())
+        later = {int(i) for i in data.seen(user, "test")} - train
+        later |= {int(i) for i in (data.valid_item[user], data.test_item[user]) if i >= 0}
+        future[user] = later
+    return ShadowData(shadow, cuts, per_user, counts, future)
 
 
 @dataclass
@@ -305,6 +314,9 @@ def _cut_prompts(
     scores = np.asarray(scores_of.at(cut, items, values), dtype=np.float64).copy()
     seen = np.fromiter(rated, dtype=np.int64)
     scores[seen] = -np.inf
+    future = scores_of.shadow.future.get(cut.user, set())
+    if future:
+        scores[np.fromiter(future, dtype=np.int64)] = -np.inf
     top = np.argpartition(-scores, n - 1)[:n]
     top = top[np.argsort(-scores[top], kind="stable")].tolist()
     hit = cut.item in top
