@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -16,6 +16,9 @@ from psycopg.rows import dict_row
 
 from recranker_core.db.connect import connect
 from recranker_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recranker_core.ranker.fusion import GuardDecision
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,61 @@ def gate(
     )
 
 
+def adapter_gate(
+    candidate: GuardDecision, champion: GuardDecision | None, tolerance: float
+) -> GateDecision:
+    """The adapter promotion gate on the metric that is served (METHOD.md sections 5 and 6).
+
+    Promote only when the candidate's guard serves the fusion (its cross-fitted fused NDCG@k
+    beats the base order on validation by more than one standard error) and, given the
+    champion adapter's decision, the candidate's out-of-sample fused NDCG is not below the
+    champion's by more than `tolerance`. `champion` None: no champion adapter to compare with.
+
+    The two decisions must be measured on the same users (equal `users_hash`, user count and
+    k); a champion decision stored at another time, on other users (a new base model, another
+    validation sample), cannot be compared and raises ConfigError: the caller re-measures the
+    champion adapter on the candidate's users (`cross_fit_guard` over its scores) and passes
+    that decision."""
+    if candidate.served != "fused":
+        return GateDecision(
+            False,
+            f"the candidate's fused ranking does not beat the base order on validation by more "
+            f"than one standard error ({candidate.reason})",
+        )
+    if champion is None:
+        return GateDecision(
+            True,
+            f"no champion adapter to compare with; the candidate's fused ranking beats the base "
+            f"order ({candidate.reason})",
+        )
+    same = (candidate.users_hash, candidate.n_users, candidate.k) == (
+        champion.users_hash,
+        champion.n_users,
+        champion.k,
+    )
+    if not same:
+        raise ConfigError(
+            f"the champion adapter's decision was measured on other users ({champion.n_users} "
+            f"users, NDCG@{champion.k}, users {champion.users_hash[:12]}) than the candidate's "
+            f"({candidate.n_users} users, NDCG@{candidate.k}, users {candidate.users_hash[:12]}):"
+            " re-measure the champion on the candidate's validation users before gating"
+        )
+    new, old = candidate.fused_ndcg, champion.fused_ndcg
+    k = candidate.k
+    if new >= old - tolerance:
+        return GateDecision(
+            True,
+            f"fused NDCG@{k} {new:.4f} vs the champion's {old:.4f} on the same "
+            f"{candidate.n_users} validation users, within tolerance {tolerance}; the fusion "
+            f"beats the base order by {candidate.gain:+.4f} (se {candidate.se:.4f})",
+        )
+    return GateDecision(
+        False,
+        f"fused NDCG@{k} {new:.4f} is below the champion's {old:.4f} on the same "
+        f"{candidate.n_users} validation users by more than {tolerance}",
+    )
+
+
 @dataclass(frozen=True)
 class _Table:
     name: str
@@ -283,7 +341,7 @@ class AdapterRecord:
     backbone_hash: str
     template_version: str
     base_model_id: int | None
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, Any]  # split -> metric -> value, and "fusion": the guard's decision
     hyperparameters: dict[str, Any]
     data_watermark: datetime | None
     artifact_uri: str
@@ -297,6 +355,15 @@ class AdapterRecord:
     def label(self) -> str:
         return f"adapter {self.adapter_id} ({self.objective})"
 
+    @property
+    def fusion(self) -> GuardDecision | None:
+        """The guard's decision stored with the adapter (`metrics["fusion"]`): whether batch
+        ranking serves the fused order and with which weights. None when none is stored."""
+        from recranker_core.ranker.fusion import GuardDecision
+
+        stored = self.metrics.get("fusion")
+        return GuardDecision.from_json(stored) if stored else None
+
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.adapter_id,
@@ -307,6 +374,7 @@ class AdapterRecord:
             "template_version": self.template_version,
             "base_model_id": self.base_model_id,
             "metrics": self.metrics,
+            "fusion": self.metrics.get("fusion"),
             "hyperparameters": self.hyperparameters,
             "data_watermark": self.data_watermark.isoformat() if self.data_watermark else None,
             "artifact_uri": self.artifact_uri,
@@ -332,7 +400,7 @@ def register_adapter(
     template_version: str,
     base_model_id: int | None,
     hyperparameters: dict[str, Any],
-    metrics: dict[str, dict[str, float]],
+    metrics: dict[str, Any],
     data_watermark: datetime | None,
     artifact_uri: str,
     files: dict[str, str],
@@ -393,6 +461,21 @@ def list_adapters(database_url: str, limit: int = 50) -> list[AdapterRecord]:
             (limit,),
         ).fetchall()
     return [AdapterRecord(**r) for r in rows]
+
+
+def update_adapter_fusion(database_url: str, adapter_id: int, decision: GuardDecision) -> None:
+    """Store (or replace) the guard's decision with an adapter, as `metrics["fusion"]`: what a
+    batch-ranking run in mode `fused` serves with this adapter (`recranker tune-weights`)."""
+    with connect(database_url) as conn:
+        row = conn.execute(
+            "UPDATE recranker.adapters SET metrics = jsonb_set(metrics, '{fusion}', %s::jsonb) "
+            "WHERE adapter_id = %s RETURNING adapter_id",
+            (json.dumps(decision.as_json()), adapter_id),
+        ).fetchone()
+        conn.commit()
+    if row is None:
+        raise ConfigError(f"no adapter {adapter_id} in recranker.adapters ({ADAPTERS.listing})")
+    log.info("adapter %s: fusion decision stored (%s)", adapter_id, decision.reason)
 
 
 def promote_adapter(database_url: str, adapter_id: int, note: str) -> AdapterRecord:

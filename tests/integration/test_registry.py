@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import psycopg
 import pytest
 
@@ -62,3 +64,47 @@ def test_unknown_model_and_empty_rollback_are_clear_errors(clean_db: str):
         registry.promote(clean_db, 999, "x")
     with pytest.raises(ConfigError, match="no earlier champion"):
         registry.rollback(clean_db)
+
+
+def test_an_adapter_carries_its_fusion_decision(clean_db: str):
+    from recranker_core.ranker.fusion import FusedWeights, GuardDecision
+
+    model = add(clean_db, "mf_bpr", 0.05)
+    adapter = registry.register_adapter(
+        clean_db,
+        objective="sft",
+        backbone_id="tiny",
+        backbone_hash="0" * 64,
+        template_version="rr-2",
+        base_model_id=model,
+        hyperparameters={},
+        metrics={"valid": {"ndcg@10": 0.1}},
+        data_watermark=None,
+        artifact_uri="s3://b/adapters/sft/x",
+        files={},
+        lineage={},
+    )
+    assert registry.get_adapter(clean_db, adapter).fusion is None
+    decision = GuardDecision(
+        "fused",
+        0.01,
+        0.004,
+        FusedWeights(0.6, 0.1, 0.0, 0.3),
+        3,
+        200,
+        80,
+        0.05,
+        0.06,
+        "f" * 64,
+        "fused +0.0100 (se 0.0040) over the base order on 200 validation users: served",
+    )
+    registry.update_adapter_fusion(clean_db, adapter, decision)
+    stored = registry.get_adapter(clean_db, adapter)
+    assert stored.fusion == decision
+    assert stored.metrics["valid"] == {"ndcg@10": 0.1}  # the other metrics stay
+    assert stored.as_json()["fusion"]["served"] == "fused"
+    # A new measurement replaces the old one.
+    registry.update_adapter_fusion(clean_db, adapter, dataclasses.replace(decision, served="base"))
+    assert registry.get_adapter(clean_db, adapter).fusion.served == "base"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="no adapter 999"):
+        registry.update_adapter_fusion(clean_db, 999, decision)
