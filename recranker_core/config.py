@@ -285,10 +285,16 @@ class TuneSettings(BaseModel):
     alro_gamma: float = Field(
         10.0, gt=0.0, description="ALRO: sharpness of the soft-argmax expected positions."
     )
+    alro_pair_weights: Literal["paper", "lambdarank"] = Field(
+        "paper",
+        description="ALRO: the Soft Lambda Loss pair weight, the paper's delta_ij, set by how "
+        "far apart the two items are ranked (`paper`), or LambdaRank's NDCG change of swapping "
+        "them (`lambdarank`); formulas in docs/METHOD.md section 5.",
+    )
     alro_rank_weights: Literal["target", "predicted"] = Field(
         "target",
-        description="ALRO: ranks in the LambdaLoss pair weights, from the ideal order (`target`) "
-        "or the model's (`predicted`).",
+        description="ALRO: the ranks r in the Soft Lambda Loss pair weights, from the ideal "
+        "order (`target`, the paper's) or the model's (`predicted`).",
     )
     alro_psl_kind: Literal["kl", "position"] = Field(
         "kl",

@@ -131,6 +131,7 @@ def alro_objective(settings: TuneSettings) -> LossFn:
             slots.gains,
             gamma=settings.alro_gamma,
             weights=settings.alro_rank_weights,
+            pair_weights=settings.alro_pair_weights,
         )
         if slots.permutations.shape[0]:
             twins = to_original_order(logps[lists:], slots.permutations)

@@ -19,7 +19,12 @@ import torch
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings, TuneSettings
 from recranker_core.errors import ConfigError
-from recranker_core.ranker.objectives import to_original_order
+from recranker_core.ranker.objectives import (
+    gather_answer_logps,
+    permutation_sensitive_loss,
+    soft_lambda_loss,
+    to_original_order,
+)
 from recranker_core.ranker.prompts import (
     IDENTIFIERS,
     Catalog,
@@ -223,6 +228,50 @@ def test_alro_slots_read_the_answers_identifiers_and_the_twin_maps_back(
 
 
 # --- ALRO in the loop -------------------------------------------------------------------------
+
+
+def test_alro_loss_is_the_sum_of_its_parts(
+    tiny: Path, prompts: list[Prompt], catalog: Catalog
+) -> None:
+    cfg = settings(objective="alro", alro_sll_weight=0.7, alro_psl_weight=0.3, alro_gamma=5.0)
+    model, tokenizer = load(tiny)
+    model.eval()
+    examples, _ = encode_for(prompts, tokenizer, cfg, catalog)
+    batch = collate(examples, tokenizer.pad_token_id, torch.device("cpu"))
+    # The parts, from one forward pass and the examples' own slots (not the batch's SlotBatch):
+    # listwise rows first, then their twins, which collate appends after all examples.
+    listed = [r for r, e in enumerate(examples) if e.slot_positions]
+    twins = [len(examples) + k for k in range(len(listed))]
+    members = [examples[r] for r in listed] + [examples[r].twin for r in listed]
+    assert listed and all(m is not None for m in members)
+    with torch.no_grad():
+        out = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        )
+        logps = gather_answer_logps(
+            out.logits[listed + twins],
+            torch.tensor([m.slot_positions for m in members if m is not None]),
+            torch.tensor([m.slot_token_ids for m in members if m is not None]),
+        )
+        gains = torch.tensor([examples[r].gains for r in listed])
+        perms = torch.tensor([examples[r].permutation for r in listed])
+        sll = soft_lambda_loss(logps[: len(listed)], gains, gamma=5.0, pair_weights="paper")
+        psl = permutation_sensitive_loss(
+            logps[: len(listed)],
+            to_original_order(logps[len(listed) :], perms),
+            kind="kl",
+            gamma=5.0,
+        )
+        total = OBJECTIVES["alro"](cfg)(model, batch)
+    assert float(sll) > 1e-3 and float(psl) > 1e-6
+    torch.testing.assert_close(total, out.loss + 0.7 * sll + 0.3 * psl, rtol=1e-6, atol=1e-6)
+    # The other pair weights give another loss: the setting reaches the Soft Lambda Loss.
+    lambdarank = cfg.model_copy(update={"alro_pair_weights": "lambdarank"})
+    with torch.no_grad():
+        other = OBJECTIVES["alro"](lambdarank)(model, batch)
+        sll_lr = soft_lambda_loss(logps[: len(listed)], gains, gamma=5.0, pair_weights="lambdarank")
+    torch.testing.assert_close(other, out.loss + 0.7 * sll_lr + 0.3 * psl, rtol=1e-6, atol=1e-6)
+    assert abs(float(sll_lr) - float(sll)) > 1e-4
 
 
 def test_alro_steps_lower_its_loss_and_a_resumed_run_matches(
