@@ -253,7 +253,13 @@ class TuneSettings(BaseModel):
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_dropout: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="LoRA dropout (off under `dmpo`: its frozen reference is read without "
+        "dropout, so the policy starts equal to it).",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Modules wrapped by LoRA (a JSON list in the environment).",

@@ -1,8 +1,9 @@
 """The ALRO and DMPO loss math on hand-computable cases: smooth positions follow their formulas,
-the Soft Lambda Loss prefers the ideal order and ignores how items are labelled, the
-permutation-sensitive loss is zero exactly for an order-blind scorer, DMPO is DPO at k = 1, log 2
-at the reference and below the mean pairwise DPO loss, gradients flow, and one forward pass of a
-tiny Llama reads the same answer log-probabilities as running each prompt alone."""
+the Soft Lambda Loss matches hand-computed values (scores and slot logits, both pair weights),
+prefers the ideal order and ignores how items are labelled, the permutation-sensitive loss is
+zero exactly for an order-blind scorer, DMPO matches a hand-computed k = 2 case, is DPO at k = 1,
+log 2 at the reference and below the mean pairwise DPO loss, gradients flow, and one forward
+pass of a tiny Llama reads the same answer log-probabilities as running each prompt alone."""
 
 from __future__ import annotations
 
@@ -367,6 +368,28 @@ def test_dmpo_with_one_negative_is_dpo(beta: float) -> None:
         for r in range(8)
     ]
     assert float(got) == pytest.approx(sum(want) / len(want), rel=1e-10)
+
+
+def test_dmpo_with_two_negatives_equals_the_hand_computed_value() -> None:
+    # beta = 0.5, k = 2; h = log pi - log pi_ref.
+    # Row 1: h(pos) = -1.0 - (-1.5) = 0.5; h(neg) = (-2.0 + 1.8, -3.0 + 2.4) = (-0.2, -0.6),
+    #   mean -0.4; margin = 0.5 * (0.5 + 0.4) = 0.45; loss = log(1 + e^-0.45) = 0.4932489.
+    # Row 2: h(pos) = 0; h(neg) = (+1, -1), mean 0; margin 0; loss = log 2 = 0.6931472.
+    #   (Each pair alone: DPO losses log(1 + e^0.5) and log(1 + e^-0.5), mean 0.7240 > log 2.)
+    # Batch mean: (0.4932489 + 0.6931472) / 2 = 0.5931981.
+    pos = torch.tensor([-1.0, -0.5], dtype=torch.float64)
+    neg = torch.tensor([[-2.0, -3.0], [-1.0, -2.0]], dtype=torch.float64)
+    ref_pos = torch.tensor([-1.5, -0.5], dtype=torch.float64)
+    ref_neg = torch.tensor([[-1.8, -2.4], [-2.0, -1.0]], dtype=torch.float64)
+    got = dmpo_loss(pos, neg, ref_pos, ref_neg, 0.5)
+    assert float(got) == pytest.approx(0.5931981, abs=1e-7)
+    rows = [
+        float(
+            dmpo_loss(pos[r : r + 1], neg[r : r + 1], ref_pos[r : r + 1], ref_neg[r : r + 1], 0.5)
+        )
+        for r in range(2)
+    ]
+    assert rows == pytest.approx([0.4932489, 0.6931472], abs=1e-7)
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])
