@@ -116,7 +116,7 @@ class BiasedMFSettings(BaseModel):
 
 
 class BaseTrainSettings(BaseModel):
-    """Training of the conventional recommenders (METHOD.md section 2). The per-model defaults
+    """Training of the conventional recommenders (docs/METHOD.md section 2). The per-model defaults
     were chosen on the validation items (and, for BiasedMF, the held-out train ratings) of
     MovieLens-100K, never on test: `python benchmarks/base_models.py` reproduces them."""
 
@@ -130,7 +130,7 @@ class BaseTrainSettings(BaseModel):
         ge=1,
         description="Early stopping and the registered HR/NDCG on a seeded random sample of this "
         "many evaluable users (full ranking costs users x items; large catalogues want a "
-        "sample). Unset: every evaluable user (METHOD.md's protocol).",
+        "sample). Unset: every evaluable user (docs/METHOD.md's protocol).",
     )
     mf: BPRSettings = Field(default_factory=lambda: BPRSettings())
     lightgcn: LightGCNSettings = Field(default_factory=lambda: LightGCNSettings())
@@ -161,7 +161,7 @@ class RetrainSettings(BaseModel):
 
 
 class SamplingSettings(BaseModel):
-    """Adaptive user sampling (METHOD.md section 3): which users' histories become prompts."""
+    """Adaptive user sampling (docs/METHOD.md section 3): which users' histories become prompts."""
 
     method: str = Field(
         "adaptive", description="`adaptive` (importance + clusters + penalty) or `uniform`."
@@ -185,7 +185,7 @@ class SamplingSettings(BaseModel):
 
 
 class PromptSettings(BaseModel):
-    """The instruction prompts (METHOD.md section 4)."""
+    """The instruction prompts (docs/METHOD.md section 4)."""
 
     history_max: int = Field(
         50, ge=1, description="Most history items shown in a prompt (shuffled)."
@@ -226,7 +226,7 @@ class BackboneSettings(BaseModel):
 
 
 class TuneSettings(BaseModel):
-    """LoRA instruction tuning of the ranker (METHOD.md section 5)."""
+    """LoRA instruction tuning of the ranker (docs/METHOD.md section 5)."""
 
     profile: str = Field(
         "full",

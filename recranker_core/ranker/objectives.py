@@ -1,4 +1,4 @@
-"""The loss math of the ALRO and DMPO tuning objectives (METHOD.md section 5): smooth expected
+"""The loss math of the ALRO and DMPO tuning objectives (docs/METHOD.md section 5): smooth expected
 positions, the Soft Lambda Loss, the permutation-sensitive loss, the DMPO loss, and the one-pass
 read of single-token answers' log-probabilities that feeds them.
 

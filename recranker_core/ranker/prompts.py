@@ -1,10 +1,10 @@
-"""The instruction prompts of the three ranking tasks (METHOD.md section 4): one wording for tuning
-and inference, built from train-period data only, and rendered through a backbone's chat template
-with a prefix that all of the user's inference prompts share.
+"""The instruction prompts of the three ranking tasks (docs/METHOD.md section 4): one wording
+for tuning and inference, built from train-period data only, and rendered through a backbone's
+chat template with a prefix that all of the user's inference prompts share.
 
 Two templates (`PromptSettings.template`; an adapter keeps the one it was tuned with):
 - `rr-1`: the prefix is the user's history; each question repeats its candidates and hint.
-- `rr-2` (METHOD.md section 6): the prefix holds the history *and* the candidate list with the
+- `rr-2` (docs/METHOD.md section 6): the prefix holds the history *and* the candidate list with the
   conventional model's predicted ratings and order; each question is a few tokens that name
   identifiers ("C rating?", "C over F?", "Top 3?"), so a user costs about half the tokens.
 """
@@ -35,8 +35,8 @@ TEMPLATE_VERSION = "rr-2"
 IDENTIFIERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 TASKS = ("pointwise", "pairwise", "listwise")
 
-# A dislike is a rating <= 2 (METHOD.md section 1). PromptSettings has no field for it, so it is
-# a module constant until one is added next to SplitData.like_threshold.
+# A dislike is a rating <= 2 (docs/METHOD.md section 1). PromptSettings has no field for it, so
+# it is a module constant until one is added next to SplitData.like_threshold.
 DISLIKE_MAX = 2.0
 RATING_MIN = 1
 RATING_MAX = 5
@@ -220,7 +220,7 @@ def build_inference_prompts(
     """Every prompt that scores `candidates` for `user`, all sharing one prefix.
 
     `target` 'valid': the history is the train-period ratings; 'test': the validation like joins
-    it (METHOD.md section 1). Pointwise: one prompt per candidate; pairwise:
+    it (docs/METHOD.md section 1). Pointwise: one prompt per candidate; pairwise:
     `settings.pairwise_pairs` random pairs (disjoint while they can be; 0 = all pairs), each in
     both orders; listwise: one prompt over all candidates in a shuffled order (`items`).
     """
@@ -524,7 +524,8 @@ def _history_block(
     catalog: Catalog, history: list[int], rated: dict[int, float], template: str
 ) -> str:
     # Ratings are shown in every task, not only pointwise, so that all of a user's prompts share
-    # this block as one prefix whose key/value cache the scorer computes once (METHOD.md 6).
+    # this block as one prefix whose key/value cache the scorer computes once (docs/METHOD.md
+    # section 6).
     if template == "rr-2":
         # One line per rating, best first, the items of a line in the history's random order:
         # the same ratings as rr-1's one line per item in about 5 fewer tokens per item.

@@ -1,4 +1,4 @@
-"""LoRA instruction tuning of the ranker (METHOD.md section 5): a plain loop over the task
+"""LoRA instruction tuning of the ranker (docs/METHOD.md section 5): a plain loop over the task
 mixture, gradient accumulation, periodic validation on fixed users, early stopping, and a
 checkpoint after every validation so a crashed run resumes.
 
