@@ -4,9 +4,9 @@ each model, with the default settings (RECRANKER_BASE__* overrides them).
 
     python benchmarks/base_models.py [--models mostpop,mf,lightgcn,sasrec,biasedmf]
 
-Anchor (RecBole 1.2.1, same file and protocol, METHOD.md): BPR test NDCG@10 0.051 / HR@10 0.106,
-LightGCN 0.041 / 0.085. BiasedMF is a rating regressor: its line adds the RMSE on the held-out
-train-period ratings (its ranking figures are only for completeness).
+Anchor (RecBole 1.2.1, same file and protocol, docs/METHOD.md section 7): BPR test NDCG@10
+0.051 / HR@10 0.106, LightGCN 0.041 / 0.085. BiasedMF is a rating regressor: its line adds the
+RMSE on the held-out train-period ratings (its ranking figures are only for completeness).
 """
 
 from __future__ import annotations

@@ -446,7 +446,7 @@ def experiment_objectives(
     ] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """Tune SFT, ALRO and DMPO on the same sampled users and budget, evaluate each (METHOD.md
+    """Tune SFT, ALRO and DMPO on the same sampled users and budget, evaluate each (docs/METHOD.md
     table, listwise position bias) and write the comparison under $RECRANKER_HOME/reports/. The
     adapters are registered as candidates and never promoted."""
     from flows.experiment import experiment_objectives_flow
@@ -695,7 +695,7 @@ def demo() -> None:
     )
     from flows.evaluate_ranker import evaluate_ranker_flow
 
-    typer.echo("\nevaluating (METHOD.md table):")
+    typer.echo("\nevaluating (docs/METHOD.md table):")
     result = evaluate_ranker_flow()
     for mode, targets in result["table"].items():
         test = targets.get("test", {})

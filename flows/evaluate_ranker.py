@@ -1,4 +1,4 @@
-"""Flow `evaluate-ranker`: the METHOD.md table (base, pointwise, pairwise, listwise, hybrid; on
+"""Flow `evaluate-ranker`: the docs/METHOD.md table (base, pointwise, pairwise, listwise, hybrid; on
 validation and test) for the champion base model and adapter, stored in the database, shown as
 a Prefect artifact and written as an HTML report with plots."""
 

@@ -1,5 +1,5 @@
 """Flow `experiment-objectives`: tune SFT, ALRO and DMPO adapters on the same sampled users,
-instruction data and budget, evaluate each (METHOD.md table on validation and test, listwise
+instruction data and budget, evaluate each (docs/METHOD.md table on validation and test, listwise
 position bias over shuffled candidate orders), and write one comparison. The adapters are
 registered as candidates of the experiment and never promoted."""
 

@@ -215,7 +215,7 @@ def batch_rank_entry(params: BatchRankParams = BatchRankParams()) -> dict[str, A
 def evaluate_ranker_entry(
     params: EvaluateRankerParams = EvaluateRankerParams(),
 ) -> dict[str, Any]:
-    """The METHOD.md evaluation table and HTML report (the `evaluate-ranker` deployment).
+    """The docs/METHOD.md evaluation table and HTML report (the `evaluate-ranker` deployment).
 
     Args:
         params: Splits and number of users; empty fields take the settings.

@@ -116,7 +116,7 @@ class BiasedMFSettings(BaseModel):
 
 
 class BaseTrainSettings(BaseModel):
-    """Training of the conventional recommenders (METHOD.md section 2). The per-model defaults
+    """Training of the conventional recommenders (docs/METHOD.md section 2). The per-model defaults
     were chosen on the validation items (and, for BiasedMF, the held-out train ratings) of
     MovieLens-100K, never on test: `python benchmarks/base_models.py` reproduces them."""
 
@@ -130,7 +130,7 @@ class BaseTrainSettings(BaseModel):
         ge=1,
         description="Early stopping and the registered HR/NDCG on a seeded random sample of this "
         "many evaluable users (full ranking costs users x items; large catalogues want a "
-        "sample). Unset: every evaluable user (METHOD.md's protocol).",
+        "sample). Unset: every evaluable user (docs/METHOD.md's protocol).",
     )
     mf: BPRSettings = Field(default_factory=lambda: BPRSettings())
     lightgcn: LightGCNSettings = Field(default_factory=lambda: LightGCNSettings())
@@ -161,7 +161,7 @@ class RetrainSettings(BaseModel):
 
 
 class SamplingSettings(BaseModel):
-    """Adaptive user sampling (METHOD.md section 3): which users' histories become prompts."""
+    """Adaptive user sampling (docs/METHOD.md section 3): which users' histories become prompts."""
 
     method: str = Field(
         "adaptive", description="`adaptive` (importance + clusters + penalty) or `uniform`."
@@ -185,7 +185,7 @@ class SamplingSettings(BaseModel):
 
 
 class PromptSettings(BaseModel):
-    """The instruction prompts (METHOD.md section 4)."""
+    """The instruction prompts (docs/METHOD.md section 4)."""
 
     history_max: int = Field(
         50,
@@ -237,7 +237,7 @@ class BackboneSettings(BaseModel):
 
 
 class TuneSettings(BaseModel):
-    """LoRA instruction tuning of the ranker (METHOD.md section 5)."""
+    """LoRA instruction tuning of the ranker (docs/METHOD.md section 5)."""
 
     profile: str = Field(
         "full",
@@ -286,7 +286,13 @@ class TuneSettings(BaseModel):
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_dropout: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="LoRA dropout (off under `dmpo`: its frozen reference is read without "
+        "dropout, so the policy starts equal to it).",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Modules wrapped by LoRA (a JSON list in the environment).",
@@ -324,10 +330,16 @@ class TuneSettings(BaseModel):
     alro_gamma: float = Field(
         10.0, gt=0.0, description="ALRO: sharpness of the soft-argmax expected positions."
     )
+    alro_pair_weights: Literal["paper", "lambdarank"] = Field(
+        "paper",
+        description="ALRO: the Soft Lambda Loss pair weight, the paper's delta_ij, set by how "
+        "far apart the two items are ranked (`paper`), or LambdaRank's NDCG change of swapping "
+        "them (`lambdarank`); formulas in docs/METHOD.md section 5.",
+    )
     alro_rank_weights: Literal["target", "predicted"] = Field(
         "target",
-        description="ALRO: ranks in the LambdaLoss pair weights, from the ideal order (`target`) "
-        "or the model's (`predicted`).",
+        description="ALRO: the ranks r in the Soft Lambda Loss pair weights, from the ideal "
+        "order (`target`, the paper's) or the model's (`predicted`).",
     )
     alro_psl_kind: Literal["kl", "position"] = Field(
         "kl",

@@ -1,4 +1,4 @@
-"""Prefect tasks of the objectives experiment: evaluate one tuned adapter (the METHOD.md table
+"""Prefect tasks of the objectives experiment: evaluate one tuned adapter (the docs/METHOD.md table
 and the listwise position bias) and publish the comparison."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def publish_experiment_artifacts(results: list[ObjectiveResult], markdown: str) 
     create_table_artifact(
         key="objectives-comparison",
         table=rows,
-        description="HR/NDCG of each tuning objective's adapter (METHOD.md table)",
+        description="HR/NDCG of each tuning objective's adapter (docs/METHOD.md table)",
     )
     create_markdown_artifact(
         key="objectives-comparison-report",

@@ -177,7 +177,7 @@ def publish_eval_artifacts(rows: list[dict[str, Any]], report_path: str, weights
     create_table_artifact(
         key="ranker-evaluation",
         table=rows,
-        description="HR/NDCG of the base model, each task and the hybrid (METHOD.md table)",
+        description="HR/NDCG of the base model, each task and the hybrid (docs/METHOD.md table)",
     )
     create_markdown_artifact(
         key="ranker-evaluation-report",

@@ -1,6 +1,6 @@
-"""The conventional recommenders of METHOD.md section 2 (MostPop, MF-BPR, LightGCN, SASRec and the
-BiasedMF rating regressor), each behind the one `BaseRecommender` interface that the trainer,
-the evaluator, the hint builders and the ONNX exporter are written against.
+"""The conventional recommenders of docs/METHOD.md section 2 (MostPop, MF-BPR, LightGCN, SASRec
+and the BiasedMF rating regressor), each behind the one `BaseRecommender` interface that the
+trainer, the evaluator, the hint builders and the ONNX exporter are written against.
 
 This module imports torch at the top (the models are `torch.nn.Module`s): import it inside the
 functions that need it, not at the top of CLI or flow modules.

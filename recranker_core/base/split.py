@@ -1,6 +1,7 @@
-"""The evaluation protocol's split (METHOD.md section 1): per user, likes in time order; the last
-like is the test item, the one before it the validation item, everything before that the train
-period. Read from recranker.interactions as of a watermark, so a rerun gives the same split."""
+"""The evaluation protocol's split (docs/METHOD.md section 1): per user, likes in time order;
+the last like is the test item, the one before it the validation item, everything before that
+the train period. Read from recranker.interactions as of a watermark, so a rerun gives the same
+split."""
 
 from __future__ import annotations
 

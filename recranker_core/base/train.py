@@ -80,7 +80,7 @@ def train_model(
 
     test_fn = None
     if kind == "sasrec" and data.test_sequences is not None:
-        # METHOD.md section 1: the validation item may be in the history when scoring test.
+        # docs/METHOD.md section 1: the validation item may be in the history when scoring test.
         test_sequences = data.test_sequences
 
         def test_fn(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:

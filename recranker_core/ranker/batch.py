@@ -1,4 +1,4 @@
-"""Batch ranking of active users (METHOD.md section 6, issue 5): per shard of users, candidates
+"""Batch ranking of active users (docs/METHOD.md section 6, issue 5): per shard of users, candidates
 from the champion's ONNX scorer, prompts from each user's ratings up to the watermark, LLM
 scores with the champion adapter, hybrid re-ranking, and the rows to publish. A user the LLM
 cannot score keeps the base ranking (source 'base')."""

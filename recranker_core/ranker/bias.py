@@ -1,5 +1,5 @@
 """Position bias of the listwise task: how much a user's listwise scores change when the same
-candidates are shown in another order (ALRO's motivation, METHOD.md section 5).
+candidates are shown in another order (ALRO's motivation, docs/METHOD.md section 5).
 
 For each listwise prompt, `shuffles` seeded permutations of its candidates are scored with the
 same verbalizer read as serving (`listwise_scores`), each shuffled prompt's scores are mapped back

@@ -1,5 +1,6 @@
-"""The ranker's evaluation table (METHOD.md sections 1 and 6): HR/NDCG@3/5/10 of the base model,
-each single task and the hybrid, on validation and test, averaged over ALL evaluable users.
+"""The ranker's evaluation table (docs/METHOD.md sections 1 and 6): HR/NDCG@3/5/10 of the base
+model, each single task and the hybrid, on validation and test, averaged over ALL evaluable
+users.
 
 A user whose held-out item is not among the base model's N candidates is a miss for every
 re-ranker whatever the scores, so only users with a hit are scored by the LLM: the table is
@@ -134,7 +135,7 @@ def metrics_for_mode(ts: TargetScores, mode: str, weights: Weights, n: int) -> d
 def build_report(
     targets: Sequence[TargetScores], configured: Weights, n: int, *, tune_step: float = 0.1
 ) -> EvalReport:
-    """The METHOD.md table from scored targets. `hybrid` uses the configured weights;
+    """The docs/METHOD.md table from scored targets. `hybrid` uses the configured weights;
     `hybrid_tuned` the weights with the best validation NDCG@10 (only with a 'valid' target)."""
     by_target = {t.target: t for t in targets}
     table: dict[str, dict[str, dict[str, float]]] = {m: {} for m in MODES}

@@ -1,6 +1,7 @@
 """The objectives experiment (issue: ALRO and DMPO against plain SFT): the same sampled users,
-instruction data and budget tuned with each objective, each adapter evaluated with the METHOD.md
-table and the listwise position-bias measure, and one comparison written as Markdown and JSON."""
+instruction data and budget tuned with each objective, each adapter evaluated with the
+docs/METHOD.md table and the listwise position-bias measure, and one comparison written as
+Markdown and JSON."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def _fmt(value: float) -> str:
 
 
 def comparison_markdown(results: list[ObjectiveResult], context: dict[str, Any]) -> str:
-    """The comparison: one METHOD.md table per objective (validation and test), then the position
-    bias and cost of each objective side by side."""
+    """The comparison: one docs/METHOD.md table per objective (validation and test), then the
+    position bias and cost of each objective side by side."""
     lines = ["# Tuning objectives: SFT vs ALRO vs DMPO", ""]
     lines += [f"- {key}: {value}" for key, value in context.items()]
     lines += [

@@ -1,4 +1,4 @@
-"""Hybrid ranking (METHOD.md section 6): per candidate, a weighted sum of the pointwise,
+"""Hybrid ranking (docs/METHOD.md section 6): per candidate, a weighted sum of the pointwise,
 pairwise and listwise utilities, each normalised within the user's candidates, ties broken by
 the base model's rank; single-task and base modes for the ablation table."""
 

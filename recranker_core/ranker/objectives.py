@@ -1,4 +1,4 @@
-"""The loss math of the ALRO and DMPO tuning objectives (METHOD.md section 5): smooth expected
+"""The loss math of the ALRO and DMPO tuning objectives (docs/METHOD.md section 5): smooth expected
 positions, the Soft Lambda Loss, the permutation-sensitive loss, the DMPO loss, and the one-pass
 read of single-token answers' log-probabilities that feeds them.
 
@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     import torch
 
 RankWeights = Literal["target", "predicted"]
+PairWeights = Literal["paper", "lambdarank"]
 PslKind = Literal["kl", "position"]
 RANK_WEIGHTS: tuple[str, ...] = ("target", "predicted")
+PAIR_WEIGHTS: tuple[str, ...] = ("paper", "lambdarank")
 PSL_KINDS: tuple[str, ...] = ("kl", "position")
 
 
@@ -111,6 +113,7 @@ def soft_lambda_loss(
     *,
     gamma: float,
     weights: RankWeights = "target",
+    pair_weights: PairWeights = "paper",
 ) -> torch.Tensor:
     """ALRO's Soft Lambda Loss (arXiv 2403.19181), LambdaLoss (Wang et al., CIKM 2018) over the
     soft expected positions P of `expected_positions(logits, gamma)`; a scalar, the batch mean.
@@ -118,20 +121,29 @@ def soft_lambda_loss(
     `logits` is [B, n] scores or [B, m, n] slot logits, `gains` [B, n] (`rating_gains`). Per list,
 
         loss = sum_{i, j : G_i > G_j} w_ij * log2(1 + exp(P_i - P_j)) / IDCG
-        w_ij = |1/D(r_i) - 1/D(r_j)| * |G_i - G_j|,   D(r) = log2(1 + r)
 
-    i.e. -log2 sigmoid(P_j - P_i) for each pair the gains order, weighted by the NDCG change of
-    swapping the two (LambdaRank's delta-NDCG); IDCG = sum_r G_(r) / D(r) over the gains sorted
-    best first normalises it to NDCG's scale, and a list without gains adds 0. The ranks r are:
+    i.e. -log2 sigmoid(P_j - P_i) for each pair the gains order, weighted by w_ij; IDCG =
+    sum_r G_(r) / D(r) over the gains sorted best first normalises it to NDCG's scale, and a list
+    without gains adds 0. D(r) = log2(1 + r) with 1-based ranks r. The pair weight:
 
-    - "target": the ideal order by gains; equal gains share their mean rank, so that relabelling
-      the items changes nothing;
+    - "paper" (ALRO's delta_ij, LambdaLoss's NDCG-Loss2):
+          w_ij = |1/D(|r_i - r_j|) - 1/D(|r_i - r_j| + 1)| * |G_i - G_j|
+      which depends only on how far apart the two items are ranked;
+    - "lambdarank" (LambdaRank's delta-NDCG, the NDCG change of swapping the two):
+          w_ij = |1/D(r_i) - 1/D(r_j)| * |G_i - G_j|
+      which also depends on where the pair sits (a pair near the top weighs more).
+
+    The ranks r are:
+
+    - "target": the ideal order by gains (the paper's tau); equal gains share their mean rank, so
+      that relabelling the items changes nothing;
     - "predicted": the model's order, the detached positions sorted (as LambdaLoss sorts its
       scores); an exact tie is broken against the higher gain, so that a model which cannot tell
       items apart (all positions equal) earns no credit for it.
 
-    The weights carry no gradient; the positions do. The paper's own pair weight (its delta_ij,
-    LambdaLoss's NDCG-Loss2 |1/D(|r_i - r_j|) - 1/D(|r_i - r_j| + 1)|) is not implemented.
+    Two items of different gains are always at least one rank apart (a tie group's mean rank is
+    at least one from the next group's), so |r_i - r_j| >= 1 in every weighted pair. The weights
+    carry no gradient; the positions do.
     """
     import torch
 
@@ -139,6 +151,11 @@ def soft_lambda_loss(
         raise ConfigError(
             f"the Soft Lambda Loss rank weights must be one of {list(RANK_WEIGHTS)}, "
             f"not {weights!r}"
+        )
+    if pair_weights not in PAIR_WEIGHTS:
+        raise ConfigError(
+            f"the Soft Lambda Loss pair weights must be one of {list(PAIR_WEIGHTS)}, "
+            f"not {pair_weights!r}"
         )
     positions = expected_positions(logits, gamma)
     g = gains.to(device=positions.device, dtype=positions.dtype)
@@ -154,9 +171,15 @@ def soft_lambda_loss(
         )
     with torch.no_grad():
         ranks = _target_ranks(g) if weights == "target" else _predicted_ranks(positions, g)
-        inverse = 1.0 / torch.log2(1.0 + ranks)
-        swap = (inverse[:, :, None] - inverse[:, None, :]).abs()
-        w = swap * (g[:, :, None] - g[:, None, :]).abs()
+        if pair_weights == "lambdarank":
+            inverse = 1.0 / torch.log2(1.0 + ranks)
+            discount = (inverse[:, :, None] - inverse[:, None, :]).abs()
+        else:
+            # The diagonal and tied pairs (distance 0) carry no gain difference; clamping them
+            # to 1 keeps their weight finite, so that 0 * weight stays 0 in the gradient.
+            apart = (ranks[:, :, None] - ranks[:, None, :]).abs().clamp(min=1.0)
+            discount = (1.0 / torch.log2(1.0 + apart) - 1.0 / torch.log2(2.0 + apart)).abs()
+        w = discount * (g[:, :, None] - g[:, None, :]).abs()
         ordered = g[:, :, None] > g[:, None, :]  # [B, i, j]: i should be above j
         ideal = torch.sort(g, dim=-1, descending=True).values
         discounts = torch.log2(

@@ -1,13 +1,13 @@
-"""The instruction prompts of the three ranking tasks (METHOD.md section 4): one wording for tuning
-and inference, built from train-period data only, and rendered through a backbone's chat template
-with a prefix that all of the user's inference prompts share.
+"""The instruction prompts of the three ranking tasks (docs/METHOD.md section 4): one wording
+for tuning and inference, built from train-period data only, and rendered through a backbone's
+chat template with a prefix that all of the user's inference prompts share.
 
 Two templates (`PromptSettings.template`; an adapter keeps the one it was tuned with):
 - `rr-1`: the prefix is the user's history; each question repeats its candidates and hint.
-- `rr-2` (METHOD.md section 6): the prefix holds the history *and* the candidate list with the
+- `rr-2` (docs/METHOD.md section 6): the prefix holds the history *and* the candidate list with the
   conventional model's predicted ratings and order; each question is a few tokens that name
   identifiers ("C rating?", "C over F?", "Top 3?"), so a user costs about half the tokens.
-- `rr-3` (the default; METHOD.md section 4): rr-2's layout with the history as the user's most
+- `rr-3` (the default; docs/METHOD.md section 4): rr-2's layout with the history as the user's most
   recent ratings before the cut, oldest first, one line per item: the next like depends on
   recency, which rr-2's random sample grouped by rating hides.
 """
@@ -40,8 +40,8 @@ PREFIX_TEMPLATES = ("rr-2", "rr-3")
 IDENTIFIERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 TASKS = ("pointwise", "pairwise", "listwise")
 
-# A dislike is a rating <= 2 (METHOD.md section 1). PromptSettings has no field for it, so it is
-# a module constant until one is added next to SplitData.like_threshold.
+# A dislike is a rating <= 2 (docs/METHOD.md section 1). PromptSettings has no field for it, so
+# it is a module constant until one is added next to SplitData.like_threshold.
 DISLIKE_MAX = 2.0
 RATING_MIN = 1
 RATING_MAX = 5
@@ -225,7 +225,7 @@ def build_inference_prompts(
     """Every prompt that scores `candidates` for `user`, all sharing one prefix.
 
     `target` 'valid': the history is the train-period ratings; 'test': the validation like joins
-    it (METHOD.md section 1). Pointwise: one prompt per candidate; pairwise:
+    it (docs/METHOD.md section 1). Pointwise: one prompt per candidate; pairwise:
     `settings.pairwise_pairs` random pairs (disjoint while they can be; 0 = all pairs), each in
     both orders; listwise: one prompt over all candidates in a shuffled order (`items`).
     """
@@ -533,7 +533,8 @@ def _history_block(
     catalog: Catalog, history: list[int], rated: dict[int, float], template: str
 ) -> str:
     # Ratings are shown in every task, not only pointwise, so that all of a user's prompts share
-    # this block as one prefix whose key/value cache the scorer computes once (METHOD.md 6).
+    # this block as one prefix whose key/value cache the scorer computes once (docs/METHOD.md
+    # section 6).
     if template == "rr-3":
         # The most recent ratings, oldest first, one line per item: the order is the signal.
         lines = [f"{catalog.describe(i)}: {_format_rating(rated[i])}\n" for i in history]

@@ -1,5 +1,5 @@
-"""The evaluation report: the METHOD.md table stored in recranker.ranker_evaluations and written
-as a static HTML page with plots (inline SVG, no plotting dependency) under
+"""The evaluation report: the docs/METHOD.md table stored in recranker.ranker_evaluations and
+written as a static HTML page with plots (inline SVG, no plotting dependency) under
 $RECRANKER_HOME/reports/."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Adaptive user sampling (METHOD.md section 3): which users' histories become training prompts,
-drawn by importance, across k-means clusters of user embeddings, then thinned by a repetition
-penalty; uniform sampling is the ablation baseline."""
+"""Adaptive user sampling (docs/METHOD.md section 3): which users' histories become training
+prompts, drawn by importance, across k-means clusters of user embeddings, then thinned by a
+repetition penalty; uniform sampling is the ablation baseline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scoring without generation (METHOD.md section 6): read each answer as the next-token
+"""Scoring without generation (docs/METHOD.md section 6): read each answer as the next-token
 log-probabilities at the answer position, one forward pass per prompt, with the history prefix
 that a user's prompts share computed once and its key/value cache reused for every question."""
 

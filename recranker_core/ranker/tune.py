@@ -1,4 +1,4 @@
-"""LoRA instruction tuning of the ranker (METHOD.md section 5): a plain loop over the task
+"""LoRA instruction tuning of the ranker (docs/METHOD.md section 5): a plain loop over the task
 mixture, gradient accumulation, periodic validation on fixed users, early stopping, and a
 checkpoint after every validation so a crashed run resumes.
 
@@ -181,6 +181,7 @@ def alro_objective(settings: TuneSettings) -> LossFn:
             slots.gains,
             gamma=settings.alro_gamma,
             weights=settings.alro_rank_weights,
+            pair_weights=settings.alro_pair_weights,
         )
         if slots.permutations.shape[0]:
             twins = to_original_order(logps[lists:], slots.permutations)
@@ -897,17 +898,37 @@ def tune(
 
 def start_adapter(model: Any, settings: TuneSettings, init_adapter: Path | None) -> Any:
     """The trainable peft model a run starts from: `init_adapter` loaded trainable, or fresh
-    LoRA weights (`apply_lora`)."""
+    LoRA weights (`apply_lora`). Under DMPO every dropout is off (`_without_dropout`)."""
     if init_adapter is None:
-        return apply_lora(model, settings)
-    from peft import PeftModel
+        peft_model = apply_lora(model, settings)
+    else:
+        from peft import PeftModel
 
-    if not (init_adapter / "adapter_config.json").is_file():
-        raise ConfigError(
-            f"{init_adapter} is not a peft adapter directory (no adapter_config.json); point "
-            "it at a tuned adapter, e.g. the SFT adapter from `recranker tune --objective sft`"
-        )
-    return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        if not (init_adapter / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{init_adapter} is not a peft adapter directory (no adapter_config.json); point "
+                "it at a tuned adapter, e.g. the SFT adapter from `recranker tune --objective sft`"
+            )
+        peft_model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    if settings.objective == "dmpo":
+        _without_dropout(peft_model)
+    return peft_model
+
+
+def _without_dropout(model: Any) -> None:
+    """Turn off every dropout of `model` in place: the LoRA dropout (the SFT adapter brings its
+    own, whatever RECRANKER_TUNE__LORA_DROPOUT says) and any of the backbone's. DMPO's margin is
+    h = log pi - log pi_ref with the reference read in eval mode; a policy trained with dropout
+    would start at h != 0 and learn against its own noise (TRL's DPO trainer disables dropout
+    for the same reason)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        # Attention dropout is a float that the attention function reads while training.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def reference_logps(

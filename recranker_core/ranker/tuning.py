@@ -220,7 +220,7 @@ def base_candidate_scores(
 
 
 class CandidateHints:
-    """Hints that come from the scoring that produced the candidates (METHOD.md section 6): the
+    """Hints that come from the scoring that produced the candidates (docs/METHOD.md section 6): the
     base order and the pairwise hints follow the candidates' order (best first; every other
     item ranks below them), the pointwise hint is the rating model's. Evaluation and serving
     use it, so that a prompt's base order is exactly its candidates' order, ties included."""

@@ -1,8 +1,9 @@
 """The ALRO and DMPO loss math on hand-computable cases: smooth positions follow their formulas,
-the Soft Lambda Loss prefers the ideal order and ignores how items are labelled, the
-permutation-sensitive loss is zero exactly for an order-blind scorer, DMPO is DPO at k = 1, log 2
-at the reference and below the mean pairwise DPO loss, gradients flow, and one forward pass of a
-tiny Llama reads the same answer log-probabilities as running each prompt alone."""
+the Soft Lambda Loss matches hand-computed values (scores and slot logits, both pair weights),
+prefers the ideal order and ignores how items are labelled, the permutation-sensitive loss is
+zero exactly for an order-blind scorer, DMPO matches a hand-computed k = 2 case, is DPO at k = 1,
+log 2 at the reference and below the mean pairwise DPO loss, gradients flow, and one forward
+pass of a tiny Llama reads the same answer log-probabilities as running each prompt alone."""
 
 from __future__ import annotations
 
@@ -112,29 +113,71 @@ def test_rating_gains_are_two_to_the_rating_minus_one() -> None:
     assert rating_gains(torch.tensor([0, 1, 4, 5])).tolist() == [0.0, 1.0, 15.0, 31.0]
 
 
-def test_sll_of_a_uniform_scorer_equals_the_hand_computed_value() -> None:
-    # Equal positions: every ordered pair costs log2(1 + e^0) = 1, weighted by delta-NDCG.
-    inv = [1 / math.log2(1 + r) for r in (1, 2, 3)]
+def pair_weight(kind: str, r_i: float, r_j: float) -> float:
+    """The Soft Lambda Loss pair discount of 1-based ranks r_i, r_j, D(r) = log2(1 + r)."""
+    if kind == "lambdarank":
+        return abs(1 / math.log2(1 + r_i) - 1 / math.log2(1 + r_j))
+    apart = abs(r_i - r_j)
+    return abs(1 / math.log2(1 + apart) - 1 / math.log2(2 + apart))
+
+
+@pytest.mark.parametrize("pair_weights", ["paper", "lambdarank"])
+def test_sll_of_a_uniform_scorer_equals_the_hand_computed_value(pair_weights: Any) -> None:
+    # Equal positions: every ordered pair costs log2(1 + e^0) = 1, weighted by w_ij.
     g = [3.0, 1.0, 0.0]
-    pairs = [(0, 1), (0, 2), (1, 2)]
-    weight = sum(abs(inv[i] - inv[j]) * abs(g[i] - g[j]) for i, j in pairs)
-    idcg = sum(gain * v for gain, v in zip(g, inv, strict=True))
-    got = soft_lambda_loss(torch.zeros(1, 3), GAINS_3, gamma=1.0)
+    pairs = [(0, 1), (0, 2), (1, 2)]  # target ranks 1, 2, 3 = index + 1
+    weight = sum(pair_weight(pair_weights, i + 1, j + 1) * abs(g[i] - g[j]) for i, j in pairs)
+    idcg = sum(gain / math.log2(2 + r) for r, gain in enumerate(g))
+    got = soft_lambda_loss(torch.zeros(1, 3), GAINS_3, gamma=1.0, pair_weights=pair_weights)
     assert float(got) == pytest.approx(weight / idcg, rel=1e-6)
 
 
-def test_sll_of_a_graded_order_equals_the_hand_computed_value() -> None:
+@pytest.mark.parametrize("pair_weights", ["paper", "lambdarank"])
+def test_sll_of_a_graded_order_equals_the_hand_computed_value(pair_weights: Any) -> None:
     scores = torch.tensor([[2.0, 1.0, 0.0]])
     p = [1 + sig(-1) + sig(-2), 2.0, 1 + sig(2) + sig(1)]
-    inv = [1 / math.log2(1 + r) for r in (1, 2, 3)]
     g = [3.0, 1.0, 0.0]
     total = sum(
-        abs(inv[i] - inv[j]) * abs(g[i] - g[j]) * log2_1p_exp(p[i] - p[j])
+        pair_weight(pair_weights, i + 1, j + 1) * abs(g[i] - g[j]) * log2_1p_exp(p[i] - p[j])
         for i, j in [(0, 1), (0, 2), (1, 2)]
     )
-    idcg = sum(gain * v for gain, v in zip(g, inv, strict=True))
-    got = soft_lambda_loss(scores, GAINS_3, gamma=1.0)
+    idcg = sum(gain / math.log2(2 + r) for r, gain in enumerate(g))
+    got = soft_lambda_loss(scores, GAINS_3, gamma=1.0, pair_weights=pair_weights)
     assert float(got) == pytest.approx(total / idcg, rel=1e-5)
+
+
+def test_sll_on_slot_logits_equals_the_hand_computed_value() -> None:
+    # Three candidates A, B, C; the answer names two slots. Slot logits are log-probabilities,
+    # so the per-slot candidate distributions y are these numbers:
+    #   slot 1: A 0.7, B 0.2, C 0.1      slot 2: A 0.2, B 0.5, C 0.3
+    # m = 2 < n = 3: a leftover slot at (m + 1 + n) / 2 = 3 takes 1 - sum_t y[t, i]:
+    #   A 0.1, B 0.3, C 0.6.
+    # gamma = 2: E[pos_i] = sum_k k e^(2 y_ki) / sum_k e^(2 y_ki) over slot positions 1, 2, 3:
+    #   P_A = (1 e^1.4 + 2 e^0.4 + 3 e^0.2) / (e^1.4 + e^0.4 + e^0.2) = 1.581321
+    #   P_B = (1 e^0.4 + 2 e^1.0 + 3 e^0.6) / (e^0.4 + e^1.0 + e^0.6) = 2.054755
+    #   P_C = (1 e^0.2 + 2 e^0.6 + 3 e^1.2) / (e^0.2 + e^0.6 + e^1.2) = 2.329798
+    # Ratings A 5, B unrated, C 4: gains 31, 0, 15; target ranks A 1, C 2, B 3.
+    # The paper's delta_ij = |1/D(d) - 1/D(d + 1)|, D(r) = log2(1 + r), d = rank distance:
+    #   d = 1: 1/log2(2) - 1/log2(3) = 0.369070     d = 2: 1/log2(3) - 1/log2(4) = 0.130930
+    # Pairs (i above j): log2(1 + e^(P_i - P_j)) times delta_ij |G_i - G_j|:
+    #   (A, B): d 2, |dG| 31, log2(1 + e^-0.473434) = 0.698538 -> 0.130930 * 31 * 0.698538
+    #   (A, C): d 1, |dG| 16, log2(1 + e^-0.748477) = 0.558842 -> 0.369070 * 16 * 0.558842
+    #   (C, B): d 1, |dG| 15, log2(1 + e^+0.275043) = 1.212001 -> 0.369070 * 15 * 1.212001
+    #   sum = 2.835305 + 3.300019 + 6.709655 = 12.844979
+    # IDCG = 31 / log2(2) + 15 / log2(3) + 0 = 40.463946; loss = 12.844979 / 40.463946.
+    slots = torch.log(torch.tensor([[[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]]], dtype=torch.float64))
+    gains = rating_gains(torch.tensor([[5.0, 0.0, 4.0]]))
+    positions = slot_expected_positions(slots, gamma=2.0)[0].tolist()
+    assert positions == pytest.approx([1.581321, 2.054755, 2.329798], abs=1e-6)
+    got = soft_lambda_loss(slots, gains, gamma=2.0)
+    assert float(got) == pytest.approx(0.3174426, abs=1e-7)
+    assert float(got) == pytest.approx(12.844979 / 40.463946, rel=1e-6)
+    # LambdaRank's weights on the same positions: |1/D(1) - 1/D(3)| = 0.5 for (A, B), etc.
+    lambdarank = (
+        0.5 * 31 * 0.698538 + 0.369070 * 16 * 0.558842 + 0.130930 * 15 * 1.212001
+    ) / 40.463946
+    got_lr = soft_lambda_loss(slots, gains, gamma=2.0, pair_weights="lambdarank")
+    assert float(got_lr) == pytest.approx(lambdarank, rel=1e-5)
 
 
 def slot_logits_naming(order: list[list[int]], n: int, sharp: float = 8.0) -> torch.Tensor:
@@ -166,31 +209,40 @@ def orders_as_logits(formulation: str) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("pair_weights", ["paper", "lambdarank"])
 @pytest.mark.parametrize("weights", ["target", "predicted"])
 @pytest.mark.parametrize("formulation", ["scores", "slots"])
-def test_sll_is_lowest_for_the_ideal_order(formulation: str, weights: Any) -> None:
+def test_sll_is_lowest_for_the_ideal_order(
+    formulation: str, weights: Any, pair_weights: Any
+) -> None:
     gains = rating_gains(RATINGS_5)
     gamma = 1.0 if formulation == "scores" else 10.0
     loss = {
-        name: float(soft_lambda_loss(logits, gains, gamma=gamma, weights=weights))
+        name: float(
+            soft_lambda_loss(logits, gains, gamma=gamma, weights=weights, pair_weights=pair_weights)
+        )
         for name, logits in orders_as_logits(formulation).items()
     }
     assert loss["ideal"] < loss["uniform"] < loss["reversed"], loss
 
 
+@pytest.mark.parametrize("pair_weights", ["paper", "lambdarank"])
 @pytest.mark.parametrize("weights", ["target", "predicted"])
 @pytest.mark.parametrize("shape", [(4, 6), (4, 3, 6), (4, 6, 6)])
-def test_sll_is_invariant_to_relabelling_items(shape: tuple[int, ...], weights: Any) -> None:
+def test_sll_is_invariant_to_relabelling_items(
+    shape: tuple[int, ...], weights: Any, pair_weights: Any
+) -> None:
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(*shape, generator=gen, dtype=torch.float64)
     # Ties among the gains too: tied items must not get ranks from their labels.
     ratings = torch.randint(0, 3, (shape[0], shape[-1]), generator=gen) * 2
     gains = rating_gains(ratings)
-    before = soft_lambda_loss(logits, gains, gamma=3.0, weights=weights)
+    kw: dict[str, Any] = {"gamma": 3.0, "weights": weights, "pair_weights": pair_weights}
+    before = soft_lambda_loss(logits, gains, **kw)
     assert float(before) > 0
     for _ in range(5):
         perm = torch.randperm(shape[-1], generator=gen)
-        after = soft_lambda_loss(logits[..., perm], gains[:, perm], gamma=3.0, weights=weights)
+        after = soft_lambda_loss(logits[..., perm], gains[:, perm], **kw)
         assert float(after) == pytest.approx(float(before), rel=1e-9)
 
 
@@ -205,6 +257,8 @@ def test_sll_ignores_lists_without_gains_and_averages_the_rest() -> None:
 def test_sll_rejects_bad_settings_and_shapes() -> None:
     with pytest.raises(ConfigError, match="rank weights"):
         soft_lambda_loss(torch.zeros(1, 3), GAINS_3, gamma=1.0, weights="soft")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="pair weights"):
+        soft_lambda_loss(torch.zeros(1, 3), GAINS_3, gamma=1.0, pair_weights="ndcg")  # type: ignore[arg-type]
     with pytest.raises(DataError, match="one gain per candidate"):
         soft_lambda_loss(torch.zeros(1, 4), GAINS_3, gamma=1.0)
     with pytest.raises(DataError, match="0 or more"):
@@ -314,6 +368,28 @@ def test_dmpo_with_one_negative_is_dpo(beta: float) -> None:
         for r in range(8)
     ]
     assert float(got) == pytest.approx(sum(want) / len(want), rel=1e-10)
+
+
+def test_dmpo_with_two_negatives_equals_the_hand_computed_value() -> None:
+    # beta = 0.5, k = 2; h = log pi - log pi_ref.
+    # Row 1: h(pos) = -1.0 - (-1.5) = 0.5; h(neg) = (-2.0 + 1.8, -3.0 + 2.4) = (-0.2, -0.6),
+    #   mean -0.4; margin = 0.5 * (0.5 + 0.4) = 0.45; loss = log(1 + e^-0.45) = 0.4932489.
+    # Row 2: h(pos) = 0; h(neg) = (+1, -1), mean 0; margin 0; loss = log 2 = 0.6931472.
+    #   (Each pair alone: DPO losses log(1 + e^0.5) and log(1 + e^-0.5), mean 0.7240 > log 2.)
+    # Batch mean: (0.4932489 + 0.6931472) / 2 = 0.5931981.
+    pos = torch.tensor([-1.0, -0.5], dtype=torch.float64)
+    neg = torch.tensor([[-2.0, -3.0], [-1.0, -2.0]], dtype=torch.float64)
+    ref_pos = torch.tensor([-1.5, -0.5], dtype=torch.float64)
+    ref_neg = torch.tensor([[-1.8, -2.4], [-2.0, -1.0]], dtype=torch.float64)
+    got = dmpo_loss(pos, neg, ref_pos, ref_neg, 0.5)
+    assert float(got) == pytest.approx(0.5931981, abs=1e-7)
+    rows = [
+        float(
+            dmpo_loss(pos[r : r + 1], neg[r : r + 1], ref_pos[r : r + 1], ref_neg[r : r + 1], 0.5)
+        )
+        for r in range(2)
+    ]
+    assert rows == pytest.approx([0.4932489, 0.6931472], abs=1e-7)
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])

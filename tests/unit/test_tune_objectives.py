@@ -1,8 +1,9 @@
 """The ALRO and DMPO objectives wired into the tuning loop, on a tiny random Llama and real
 training prompts: a permuted twin maps back to its original, ALRO's slots read the answer's
-identifiers, a few ALRO steps lower its loss and a resumed ALRO run ends where an uninterrupted
-one does, DMPO's negatives follow their source, and DMPO starts at log 2 (plus its anchor) from
-an SFT adapter and a few steps lower it."""
+identifiers, ALRO's loss is its language-model, Soft Lambda and permutation-sensitive parts
+computed apart, a few ALRO steps lower it and a resumed ALRO run ends where an uninterrupted one
+does, DMPO's negatives follow their source, DMPO starts at log 2 (plus its anchor) from an SFT
+adapter, exactly so even when that adapter has dropout, and a few steps lower it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ import torch
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings, TuneSettings
 from recranker_core.errors import ConfigError
-from recranker_core.ranker.objectives import to_original_order
+from recranker_core.ranker.objectives import (
+    gather_answer_logps,
+    permutation_sensitive_loss,
+    single_token_answer_logps,
+    soft_lambda_loss,
+    to_original_order,
+)
 from recranker_core.ranker.prompts import (
     IDENTIFIERS,
     Catalog,
@@ -32,6 +39,7 @@ from recranker_core.ranker.tune import (
     IGNORE,
     OBJECTIVES,
     Example,
+    apply_lora,
     collate,
     encode_alro_examples,
     encode_dmpo_examples,
@@ -225,6 +233,50 @@ def test_alro_slots_read_the_answers_identifiers_and_the_twin_maps_back(
 # --- ALRO in the loop -------------------------------------------------------------------------
 
 
+def test_alro_loss_is_the_sum_of_its_parts(
+    tiny: Path, prompts: list[Prompt], catalog: Catalog
+) -> None:
+    cfg = settings(objective="alro", alro_sll_weight=0.7, alro_psl_weight=0.3, alro_gamma=5.0)
+    model, tokenizer = load(tiny)
+    model.eval()
+    examples, _ = encode_for(prompts, tokenizer, cfg, catalog)
+    batch = collate(examples, tokenizer.pad_token_id, torch.device("cpu"))
+    # The parts, from one forward pass and the examples' own slots (not the batch's SlotBatch):
+    # listwise rows first, then their twins, which collate appends after all examples.
+    listed = [r for r, e in enumerate(examples) if e.slot_positions]
+    twins = [len(examples) + k for k in range(len(listed))]
+    members = [examples[r] for r in listed] + [examples[r].twin for r in listed]
+    assert listed and all(m is not None for m in members)
+    with torch.no_grad():
+        out = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        )
+        logps = gather_answer_logps(
+            out.logits[listed + twins],
+            torch.tensor([m.slot_positions for m in members if m is not None]),
+            torch.tensor([m.slot_token_ids for m in members if m is not None]),
+        )
+        gains = torch.tensor([examples[r].gains for r in listed])
+        perms = torch.tensor([examples[r].permutation for r in listed])
+        sll = soft_lambda_loss(logps[: len(listed)], gains, gamma=5.0, pair_weights="paper")
+        psl = permutation_sensitive_loss(
+            logps[: len(listed)],
+            to_original_order(logps[len(listed) :], perms),
+            kind="kl",
+            gamma=5.0,
+        )
+        total = OBJECTIVES["alro"](cfg)(model, batch)
+    assert float(sll) > 1e-3 and float(psl) > 1e-6
+    torch.testing.assert_close(total, out.loss + 0.7 * sll + 0.3 * psl, rtol=1e-6, atol=1e-6)
+    # The other pair weights give another loss: the setting reaches the Soft Lambda Loss.
+    lambdarank = cfg.model_copy(update={"alro_pair_weights": "lambdarank"})
+    with torch.no_grad():
+        other = OBJECTIVES["alro"](lambdarank)(model, batch)
+        sll_lr = soft_lambda_loss(logps[: len(listed)], gains, gamma=5.0, pair_weights="lambdarank")
+    torch.testing.assert_close(other, out.loss + 0.7 * sll_lr + 0.3 * psl, rtol=1e-6, atol=1e-6)
+    assert abs(float(sll_lr) - float(sll)) > 1e-4
+
+
 def test_alro_steps_lower_its_loss_and_a_resumed_run_matches(
     tiny: Path, prompts: list[Prompt], catalog: Catalog, tmp_path: Path
 ) -> None:
@@ -382,3 +434,49 @@ def test_dmpo_starts_at_log_2_from_the_sft_adapter_and_steps_lower_it(
 
     with pytest.raises(ConfigError, match="adapter_config.json"):
         start_adapter(load(tiny)[0], cfg, tmp_path / "nowhere")
+
+
+def test_dmpo_policy_starts_exactly_at_its_reference_despite_the_adapters_dropout(
+    tiny: Path, prompts: list[Prompt], catalog: Catalog, tmp_path: Path
+) -> None:
+    # An "SFT adapter" with a large LoRA dropout and non-zero LoRA weights (B != 0), so that the
+    # LoRA path, and its dropout, change the answer log-probabilities.
+    model, tokenizer = load(tiny)
+    sft = apply_lora(model, settings(lora_dropout=0.3))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, weight in sft.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
+    adapter = tmp_path / "sft"
+    sft.save_pretrained(adapter)
+
+    cfg = settings(objective="dmpo", dmpo_beta=1.0, dmpo_negatives=2)
+    examples, _ = encode_for(prompts, tokenizer, cfg, catalog)
+    pad = tokenizer.pad_token_id
+
+    def train_mode_logps(policy: Any) -> tuple[torch.Tensor, Any]:
+        """The reference as tune() reads it, then the policy in train mode on the same batch."""
+        with_ref = reference_logps(policy, examples, pad, len(examples))
+        batch = collate(with_ref, pad, torch.device("cpu"))
+        policy.train()
+        torch.manual_seed(2)
+        return single_token_answer_logps(
+            policy, batch.input_ids, batch.attention_mask, batch.answer_ids
+        ), batch
+
+    # Under DMPO: no dropout, so at step 0 h = log pi - log pi_ref is exactly 0 and loss = log 2.
+    policy = start_adapter(load(tiny)[0], cfg, adapter)
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in policy.modules())
+    logps, batch = train_mode_logps(policy)
+    assert torch.equal(logps, batch.ref_logps)
+    loss = OBJECTIVES["dmpo"](cfg)(policy, batch)
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-7)
+    loss.backward()  # the gradient still flows: training moves away from the reference
+
+    # The same adapter under another objective keeps its dropout: in train mode h != 0.
+    noisy = start_adapter(load(tiny)[0], settings(), adapter)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in noisy.modules())
+    with torch.no_grad():
+        noisy_logps, noisy_batch = train_mode_logps(noisy)
+    assert float((noisy_logps - noisy_batch.ref_logps).abs().max()) > 1e-3
