@@ -160,3 +160,24 @@ def tiny_pipeline(
         monkeypatch.setenv(key, value)
     retrain_base_flow(["mf"])
     return {"tiny": tiny, "database_url": clean_db, "files": files}
+
+
+@pytest.fixture()
+def tune_promoted(tiny_pipeline: dict[str, object]):  # type: ignore[no-untyped-def]
+    """Run the tune-ranker flow and make its adapter champion even when the gate rejected it
+    (a tiny random backbone's fused ranking beats the base order only by chance), as an
+    operator would with `recranker adapters promote`: for tests of what serves an adapter."""
+    from flows.tune_ranker import tune_ranker_flow
+    from recranker_core import registry
+
+    def run(**kwargs: object) -> dict[str, object]:
+        summary = tune_ranker_flow(**kwargs)  # type: ignore[arg-type]
+        if not summary["promoted"]:
+            registry.promote_adapter(
+                str(tiny_pipeline["database_url"]),
+                int(summary["adapter_id"]),
+                "promoted by the test: the tiny backbone's gate decision is chance",
+            )
+        return summary
+
+    return run

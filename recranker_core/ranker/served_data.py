@@ -230,11 +230,6 @@ def build_served_prompts(
 
     Returns the prompts and counts (cuts used, hits of the shadow model, questions per task,
     entries skipped for having no cut)."""
-    if prompt_settings.template not in ("rr-2", "rr-3"):
-        raise ConfigError(
-            f"training on the served task needs a template with the candidates in the shared "
-            f"prefix (rr-3 or rr-2), not {prompt_settings.template!r}"
-        )
     if n_candidates > len(IDENTIFIERS):
         raise ConfigError(f"{n_candidates} candidates cannot be named by letters A..Z")
     counts = {

@@ -273,11 +273,27 @@ class ValidationSet:
 MIN_VALIDATION_USERS = 100
 
 
+# The guard's own users (the validation hits early stopping did not read): fewer than this and
+# it falls back to the early-stopping users, and says so. At most GUARD_MAX_USERS are scored.
+MIN_GUARD_USERS = 30
+GUARD_MAX_USERS = 2000
+
+
 def validation_set(
     ctx: BaseContext, catalog: Catalog, hints: BaseHints, settings: Settings
 ) -> ValidationSet:
+    """The early-stopping users (`validation_sets`)."""
+    return validation_sets(ctx, catalog, hints, settings)[0]
+
+
+def validation_sets(
+    ctx: BaseContext, catalog: Catalog, hints: BaseHints, settings: Settings
+) -> tuple[ValidationSet, ValidationSet | None]:
     """`settings.tune.valid_users` users (seeded) among those whose validation item is a
-    candidate, with prompts whose hints come from the candidates' own scoring."""
+    candidate, read at every evaluation to keep the best step; and the guard's users: the other
+    such users (at most GUARD_MAX_USERS), read once, on the kept step, so that choosing the step
+    does not inflate the gain the guard measures (None when fewer than MIN_GUARD_USERS). Prompts
+    take their hints from the candidates' own scoring."""
     from recranker_core.base.evaluate import sample_evaluable_users
 
     n = settings.retrain.candidates
@@ -307,23 +323,31 @@ def validation_set(
         )
     rng = np.random.default_rng(settings.tune.seed)
     keep = np.sort(rng.choice(hits, size=min(wanted, hits.size), replace=False))
-    users, chosen = evaluable[keep], cands[keep]
-    valid = ValidationSet(
-        users,
-        ctx.data.valid_item[users].astype(np.int64),
-        chosen,
-        scores[keep],
-        [],
-        rank_metrics(np.argmax(hit[keep], axis=1), DEFAULT_KS),
-        float(hits.size / evaluable.size),
-        {
-            "evaluable": all_evaluable,
-            "scanned": int(evaluable.size),
-            "with_item_in_candidates": int(hits.size),
-        },
-    )
-    valid.prompts = validation_prompts(ctx, catalog, hints, valid, settings.prompts)
-    return valid
+    rest = np.setdiff1d(hits, keep)
+    if rest.size > GUARD_MAX_USERS:
+        rest = np.sort(rng.choice(rest, size=GUARD_MAX_USERS, replace=False))
+    counts = {
+        "evaluable": all_evaluable,
+        "scanned": int(evaluable.size),
+        "with_item_in_candidates": int(hits.size),
+    }
+
+    def subset(rows: npt.NDArray[np.int64]) -> ValidationSet:
+        users = evaluable[rows]
+        out = ValidationSet(
+            users,
+            ctx.data.valid_item[users].astype(np.int64),
+            cands[rows],
+            scores[rows],
+            [],
+            rank_metrics(np.argmax(hit[rows], axis=1), DEFAULT_KS),
+            float(hits.size / evaluable.size),
+            dict(counts),
+        )
+        out.prompts = validation_prompts(ctx, catalog, hints, out, settings.prompts)
+        return out
+
+    return subset(keep), subset(rest) if rest.size >= MIN_GUARD_USERS else None
 
 
 def validation_prompts(
@@ -494,7 +518,7 @@ def run_tuning(
         init_adapter = fetch_adapter(start, store, cache, backbone.backbone_hash)
     examples, dropped = encode_for(prompts, backbone.tokenizer, settings.tune, catalog)
     hints = BaseHints(ctx)
-    valid = validation_set(ctx, catalog, hints, settings)
+    valid, guard = validation_sets(ctx, catalog, hints, settings)
     log.info(
         "%s: %d training examples (%d left out), %d validation users (%.1f%% of evaluable users "
         "have their validation item among the candidates); base ndcg@3 on them %.4f",
@@ -523,14 +547,14 @@ def run_tuning(
         init_adapter=init_adapter,
         select=SELECT_METRIC,
     )
-    decision = _best_decision(result, validator, settings)
+    decision, guard_validator = _guard_decision(result, validator, guard, settings)
     log.info("guard: %s", decision.reason)
     gate = None
     if experiment is None:
         champion = registry.champion_adapter(database_url)
         mine = None
         if champion is not None:
-            mine = champion_on_users(champion, valid, validator, ctx, catalog, settings, store)
+            mine = champion_on_users(champion, guard_validator, ctx, catalog, settings, store)
         gate = registry.adapter_gate(decision, mine, settings.tune.promotion_tolerance)
     started_from = {}
     if start is not None:
@@ -596,26 +620,52 @@ def run_tuning(
     }
 
 
-def _best_decision(result: Any, validator: Validator, settings: Settings) -> Any:
-    """The guard decision of the kept step: the one its validation made, or (a resumed run
-    did not see every validation) the kept adapter's scored again."""
-    steps = [int(h["step"]) for h in result.history]
-    if len(validator.decisions) == len(steps) and result.best_step in steps:
-        return validator.decisions[steps.index(result.best_step)]
+def _guard_decision(
+    result: Any, validator: Validator, guard: ValidationSet | None, settings: Settings
+) -> tuple[Any, Validator]:
+    """The guard's decision on the kept adapter, and the validator of the users it read: the
+    guard's own users (early stopping never read them), else the early-stopping users' decision
+    at the kept step, said to be optimistic (the best of several evaluations)."""
+    from dataclasses import replace
+
     from peft import PeftModel
 
     from recranker_core.ranker.backbone import load_backbone
 
+    steps = [int(h["step"]) for h in result.history]
+    if guard is None and len(validator.decisions) == len(steps) and result.best_step in steps:
+        decision = validator.decisions[steps.index(result.best_step)]
+        return _optimistic(decision), validator
     fresh = load_backbone(settings.backbone, settings.home)
     model = PeftModel.from_pretrained(fresh.model, result.adapter_dir)
     model.eval()
-    validator(model)
-    return validator.decisions[-1]
+    target = (
+        validator
+        if guard is None
+        else Validator(guard, validator.tokenizer, validator.batch_size, validator.seed)
+    )
+    target(model)
+    decision = target.decisions[-1]
+    if guard is None:
+        decision = _optimistic(decision)
+    else:
+        decision = replace(decision, reason=decision.reason + " (the guard's own users)")
+    return decision, target
+
+
+def _optimistic(decision: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(
+        decision,
+        reason=decision.reason + f" (too few validation users beside the early-stopping ones "
+        f"for a guard of its own, under {MIN_GUARD_USERS}: measured on the users that chose "
+        "the step, an optimistic reading)",
+    )
 
 
 def champion_on_users(
     champion: registry.AdapterRecord,
-    valid: ValidationSet,
     validator: Validator,
     ctx: BaseContext,
     catalog: Catalog,
@@ -631,6 +681,7 @@ def champion_on_users(
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.fusion import GuardDecision, users_hash
 
+    valid = validator.valid
     stored = champion.metrics.get("fusion")
     if stored:
         decision = GuardDecision.from_json(stored)

@@ -52,13 +52,12 @@ def _shards_done(url: str) -> tuple[int, int]:
 
 
 def test_dask_runner_publishes_the_same_run_and_survives_a_killed_worker(
-    tiny_pipeline: dict[str, object], monkeypatch: pytest.MonkeyPatch
+    tiny_pipeline: dict[str, object], tune_promoted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.batch_rank import batch_rank_flow
-    from flows.tune_ranker import tune_ranker_flow
 
     url = str(tiny_pipeline["database_url"])
-    tune_ranker_flow(max_steps=1)
+    tune_promoted(max_steps=1)
     monkeypatch.setenv("RECRANKER_RANK__SHARD_SIZE", "20")
     monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "24")
 

@@ -14,17 +14,16 @@ import pytest
 
 
 def test_objectives_experiment_tunes_evaluates_and_compares(
-    tiny_pipeline: dict[str, object],
+    tiny_pipeline: dict[str, object], tune_promoted
 ) -> None:
     from flows.experiment import experiment_objectives_flow
-    from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.errors import ConfigError
 
     url = str(tiny_pipeline["database_url"])
     with pytest.raises(ConfigError, match="objectives must be distinct names"):
         experiment_objectives_flow(objectives=["sft", "ranknet"])
-    champion = tune_ranker_flow(objective="sft", max_steps=1)["adapter_id"]
+    champion = tune_promoted(objective="sft", max_steps=1)["adapter_id"]
 
     result = experiment_objectives_flow(max_steps=2, max_users=30, shuffles=2, bias_users=4)
 

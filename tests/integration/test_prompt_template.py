@@ -13,10 +13,10 @@ import pytest
 
 def test_an_adapter_keeps_its_prompt_template(
     tiny_pipeline: dict[str, object],
+    tune_promoted,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.base.candidates import active_users, data_watermark, load_champion
     from recranker_core.config import load_settings
@@ -28,7 +28,7 @@ def test_an_adapter_keeps_its_prompt_template(
 
     url = str(tiny_pipeline["database_url"])
     monkeypatch.setenv("RECRANKER_PROMPTS__TEMPLATE", "rr-1")
-    summary = tune_ranker_flow(max_steps=1)
+    summary = tune_promoted(max_steps=1)
     adapter = registry.get_adapter(url, summary["adapter_id"])
     assert adapter.template_version == "rr-1"
     assert sft_start_adapter(url, "rr-1").adapter_id == adapter.adapter_id
@@ -37,7 +37,7 @@ def test_an_adapter_keeps_its_prompt_template(
 
     monkeypatch.delenv("RECRANKER_PROMPTS__TEMPLATE")
     settings = load_settings()
-    assert settings.prompts.template == "rr-2"
+    assert settings.prompts.template == "rr-3"
     store = store_for(settings)
     champion = load_champion(url, store, cache_root(settings))
     with caplog.at_level(logging.INFO, logger="recranker_core.ranker.batch"):

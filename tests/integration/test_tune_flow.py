@@ -30,12 +30,24 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     adapters = registry.list_adapters(url)
     assert [a.adapter_id for a in adapters] == [summary["adapter_id"]]
     adapter = adapters[0]
-    # The first adapter has no champion to beat.
-    assert adapter.status == "champion" and summary["promoted"]
+    # The first adapter has no champion to beat: the guard alone decides (its fused ranking
+    # against the base order on validation users early stopping did not read).
+    fusion = adapter.metrics["fusion"]
+    assert fusion["served"] in ("fused", "base") and fusion["n_users"] > 0
+    assert fusion["users_hash"] and set(fusion["weights"]) == {
+        "base",
+        "pointwise",
+        "pairwise",
+        "listwise",
+    }
+    assert (adapter.status == "champion") == (fusion["served"] == "fused") == summary["promoted"]
+    assert adapter.status in ("champion", "rejected")
     assert adapter.template_version == TEMPLATE_VERSION and adapter.objective == "sft"
+    assert adapter.lineage["prompts"]["template"] == TEMPLATE_VERSION
+    assert adapter.lineage["training_data"] == "served"
     assert adapter.base_model_id == registry.champion(url).model_id  # type: ignore[union-attr]
     assert adapter.backbone_hash == model_dir_hash(Path(str(tiny_pipeline["tiny"])))
-    assert set(adapter.metrics["valid"]) >= {"ndcg@10", "hr@3"}
+    assert set(adapter.metrics["valid"]) >= {"fused_ndcg@3", "base_ndcg@3", "gain", "se"}
     assert summary["steps"] > 0 and len(summary["history"]) >= 2
     # A run that kept its starting point says so in words (and only then).
     assert (summary["note"] is not None) == (summary["best_step"] == 0)

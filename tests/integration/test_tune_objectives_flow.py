@@ -10,7 +10,7 @@ from recranker_core.config import Settings
 
 
 def test_sft_then_alro_and_dmpo_through_the_flow(
-    s3_settings: Settings, tiny_pipeline: dict[str, object]
+    s3_settings: Settings, tiny_pipeline: dict[str, object], tune_promoted
 ) -> None:
     from pydantic import ValidationError
 
@@ -28,7 +28,7 @@ def test_sft_then_alro_and_dmpo_through_the_flow(
         tune_ranker_flow(objective="dmpo", max_steps=2)
     assert registry.list_adapters(url) == []
 
-    runs = {name: tune_ranker_flow(objective=name, max_steps=2) for name in ("sft", "alro", "dmpo")}
+    runs = {name: tune_promoted(objective=name, max_steps=2) for name in ("sft", "alro", "dmpo")}
     store = S3ArtifactStore(s3_config(s3_settings))
     adapters = {a.objective: a for a in registry.list_adapters(url)}
     assert set(adapters) == {"sft", "alro", "dmpo"}
@@ -39,13 +39,13 @@ def test_sft_then_alro_and_dmpo_through_the_flow(
         meta = store.read_manifest(adapter.lineage["prefix"]).meta
         assert meta["objective"] == name
         assert meta["hyperparameters"]["objective"] == name
-        assert "ndcg@10" in adapter.metrics["valid"]
+        assert "fused_ndcg@3" in adapter.metrics["valid"]
 
     sft, dmpo = adapters["sft"], adapters["dmpo"]
     assert dmpo.lineage["init_adapter_id"] == sft.adapter_id
     assert dmpo.lineage["init_adapter_uri"] == sft.artifact_uri
     assert "init_adapter_id" not in adapters["alro"].lineage
     # DMPO's first validation is its starting point: the SFT adapter's own best score.
-    assert runs["dmpo"]["history"][0]["ndcg@10"] == pytest.approx(
-        sft.metrics["valid"]["ndcg@10"], abs=1e-6
+    assert runs["dmpo"]["history"][0]["fused_ndcg@3"] == pytest.approx(
+        sft.metrics["valid"]["fused_ndcg@3"], abs=1e-6
     )
