@@ -187,10 +187,18 @@ class ShadowModels:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def train_shadow_models(kind: str, shadow: ShadowData, base_settings: Any) -> ShadowModels:
-    """Fit the shadow ranker of `kind` and the shadow rating model on the shadow split."""
+def train_shadow_models(
+    kind: str, shadow: ShadowData, base_settings: Any, epochs: int | None = None
+) -> ShadowModels:
+    """Fit the shadow ranker of `kind` and the shadow rating model on the shadow split. With
+    `epochs` (the champion's best epoch) the ranker trains that long, as the champion did,
+    instead of early-stopping on its own (about as good, and no longer than needed)."""
     from recranker_core.base.train import train_model
 
+    section = getattr(base_settings, kind, None)
+    if epochs is not None and section is not None and hasattr(section, "epochs"):
+        section = section.model_copy(update={"epochs": max(1, int(epochs))})
+        base_settings = base_settings.model_copy(update={kind: section})
     ranker = train_model(kind, shadow.data, base_settings)
     if hasattr(ranker.model, "set_sequences"):
         ranker.model.set_sequences(shadow.data.train_sequences)

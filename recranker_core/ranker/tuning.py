@@ -105,6 +105,7 @@ class BaseContext:
     model: Any  # BaseRecommender
     data: SplitData
     regressor: Any = None  # BiasedMF, trained on the same split's train-period ratings
+    best_epoch: int | None = None  # the champion's early-stopped epoch (its shadow trains so long)
 
 
 def load_base_context(
@@ -140,7 +141,10 @@ def load_base_context(
         data.watermark,
         data.stats,
     )
-    return BaseContext(record.model_id, record.kind, model, data)
+    best = record.lineage.get("best_epoch")
+    return BaseContext(
+        record.model_id, record.kind, model, data, best_epoch=None if best is None else int(best)
+    )
 
 
 def train_hint_regressor(ctx: BaseContext, settings: Settings) -> None:
@@ -458,7 +462,7 @@ def build_training_data(
     if settings.tune.training_data == "published":
         return build_training_prompts(ctx.data, catalog, BaseHints(ctx), users, settings.prompts)
     shadow = shadow_split(ctx.data, settings.tune.cuts_per_user)
-    models = train_shadow_models(ctx.kind, shadow, settings.base)
+    models = train_shadow_models(ctx.kind, shadow, settings.base, ctx.best_epoch)
     prompts, counts = build_served_prompts(
         shadow, models, catalog, users, settings.prompts, settings.retrain.candidates
     )
