@@ -616,9 +616,9 @@ def test_bad_inputs_are_refused_with_the_reason(
     small = Catalog(titles=["x"], years=[None], genres=[[]])
     with pytest.raises(DataError, match="catalog describes 1 items"):
         build_training_prompts(data, small, hints, np.array([0]), PromptSettings())
-    assert TEMPLATE_VERSION == "rr-2" == PromptSettings().template
+    assert TEMPLATE_VERSION == "rr-3" == PromptSettings().template
     with pytest.raises(ValueError, match="rr-1"):
-        PromptSettings(template="rr-3")
+        PromptSettings(template="rr-4")
 
 
 def test_inference_prompts_follow_the_user_not_its_index(data: SplitData, catalog: Catalog):
