@@ -173,15 +173,34 @@ def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]
     )
 
 
-def publish_eval_artifacts(rows: list[dict[str, Any]], report_path: str, weights: Any) -> None:
+def publish_eval_artifacts(report: Any, report_path: str) -> None:
+    """The METHOD.md table with each method's difference to the base and its interval, the
+    guard's decision and the slices, as a table artifact and a markdown artifact."""
+    from recranker_core.ranker.report import guard_line, markdown_table, slice_rows, table_rows
+
+    rows = table_rows(report)
     create_table_artifact(
         key="ranker-evaluation",
         table=rows,
-        description="HR/NDCG of the base model, each task and the hybrid (METHOD.md table)",
+        description="HR/NDCG of the base model, each task, the hybrid, the fused and the "
+        "published ranking, with each difference to the base and its 95% paired-bootstrap "
+        "interval (METHOD.md table)",
     )
+    lines = ["### Ranker evaluation", "", f"- {guard_line(report)}"]
+    if report.sample:
+        lines.append(f"- sample: {report.sample}")
+    lines += [
+        f"- HTML report with plots: `{report_path}` (file://{report_path})",
+        f"- weights: `{report.weights}`",
+        "",
+        'A difference whose interval contains 0 is written "no measurable difference".',
+        "",
+        markdown_table(rows),
+    ]
+    if report.slices:
+        lines += ["", "#### Slices (test NDCG@3)", "", markdown_table(slice_rows(report))]
     create_markdown_artifact(
         key="ranker-evaluation-report",
-        markdown=f"### Ranker evaluation\n\nHTML report with plots: `{report_path}` "
-        f"(file://{report_path})\n\nweights: `{weights}`",
-        description="Where the evaluation report is",
+        markdown="\n".join(lines),
+        description="The evaluation table with intervals, the guard's decision and the slices",
     )
