@@ -518,7 +518,8 @@ def rank(
     mode: Annotated[
         str | None,
         typer.Option(
-            help="hybrid | pointwise | pairwise | listwise | base (RECRANKER_RANK__MODE)."
+            help="fused | hybrid | pointwise | pairwise | listwise | base "
+            "(RECRANKER_RANK__MODE, default fused: what the champion adapter's guard decided)."
         ),
     ] = None,
     no_publish: Annotated[
@@ -529,6 +530,7 @@ def rank(
     from flows.batch_rank import batch_rank_flow
 
     summary = batch_rank_flow(run_id, mode, not no_publish)
+    typer.echo(summary["serving"])
     typer.echo(
         f"run {summary['run_id']} {summary['status']}: {summary['users']:,} users, "
         f"{summary['rows']:,} rows ({summary['llm_users']:,} re-ranked by the LLM, "
@@ -754,6 +756,7 @@ def demo() -> None:
     from flows.batch_rank import batch_rank_flow
 
     run = batch_rank_flow()
+    typer.echo(run["serving"])
     typer.echo(
         f"run {run['run_id']} published: {run['rows']:,} rows for {run['users']:,} users "
         f"({run['llm_users']:,} re-ranked by the LLM) in {run['seconds']} s"
