@@ -65,7 +65,7 @@ def evaluate_ranker_flow(
         "prompt template": settings.prompts.template,
         "backbone": ranker.backbone_id,
         "users": report.sample or "all evaluable users",
-        "seconds": report.seconds,
+        "seconds scoring": ", ".join(f"{t} {s} s" for t, s in report.seconds.items()),
     }
     path = write_html(
         report, settings.home / "reports", title="recranker: ranker evaluation", context=context

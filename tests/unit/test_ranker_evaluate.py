@@ -241,3 +241,32 @@ def test_the_report_shows_intervals_in_words_tables_and_error_bars(tmp_path):
     assert page.count('stroke-width="1.5"') >= len(report.diff_ci)  # one error bar each
     assert 'text-anchor="end">0.000</text>' in page  # the bar charts' value axis
     assert "95% paired-bootstrap" in page and report.guard.reason in page
+
+
+def test_recranker_eval_prints_the_guard_the_rows_and_the_intervals(capsys):
+    from flows.cli import _print_evaluation, _served
+    from recranker_core.ranker.report import slice_rows, table_rows
+
+    rng = np.random.default_rng(11)
+    valid, _, _ = synthetic_target("valid", rng)
+    test, _, _ = synthetic_target("test", rng)
+    test.n_evaluable = 90
+    report = build_report([valid, test], Weights(), 6, tune_step=0.25, n_boot=100)
+    assert report.guard is not None
+    _print_evaluation(
+        {
+            "sample": report.sample,
+            "guard": report.guard.as_json(),
+            "rows": table_rows(report),
+            "slices": slice_rows(report),
+            "weights": report.weights,
+            "report": "/tmp/r.html",
+        }
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("SAMPLE: a seeded random sample of 60 of 90")
+    assert f"guard: serves FUSED: {report.guard.reason}" in out
+    assert "published     test   ndcg@3 vs base +" in out
+    assert "train_likes <=10" in out and "report: /tmp/r.html" in out
+    assert _served(report.guard.as_json()).startswith("fused +")
+    assert _served(None) == "-" and _served({"served": "base"}) == "base"
