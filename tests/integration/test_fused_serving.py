@@ -57,9 +57,13 @@ def decision(served: str, weights: Any) -> Any:
 
 
 def test_fused_mode_serves_the_adapters_stored_decision(
-    tiny_pipeline: dict[str, object], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    tiny_pipeline: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from flows.batch_rank import batch_rank_flow
+    from flows.cli import adapters_list, tune_weights
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.ranker.fusion import FusedWeights, fused_order
@@ -68,7 +72,17 @@ def test_fused_mode_serves_the_adapters_stored_decision(
     url = str(tiny_pipeline["database_url"])
     tune_ranker_flow(max_steps=2)
     adapter = registry.champion_adapter(url)
-    assert adapter is not None
+    assert adapter is not None and adapter.fusion is None
+
+    # `recranker tune-weights` measures the guard on validation users and stores it.
+    tune_weights(max_users=None, step=0.5)
+    out = capsys.readouterr().out
+    stored = registry.get_adapter(url, adapter.adapter_id).fusion
+    assert stored is not None and f"guard: serves {stored.served.upper()}" in out
+    assert f"stored on adapter {adapter.adapter_id}" in out
+    assert sum(stored.weights.as_list()) == pytest.approx(1.0)
+    adapters_list(limit=5, as_json=False)
+    assert f"{stored.served} {stored.gain:+.4f}" in capsys.readouterr().out
     monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "20")
     base = lists(url, batch_rank_flow(mode="base", publish=False)["run_id"])
 
