@@ -320,10 +320,6 @@ class GuardDecision:
             reason=str(d["reason"]),
         )
 
-    def summary(self) -> str:
-        """One short cell for listings: served, gain and se."""
-        return f"{self.served} {self.gain:+.4f}±{self.se:.4f}"
-
 
 def cross_fit_guard(
     users: Sequence[ScoredUser],
