@@ -1,4 +1,4 @@
-"""Flow `evaluate-ranker`: the METHOD.md table (base, pointwise, pairwise, listwise, hybrid,
+"""Flow `evaluate-ranker`: the docs/METHOD.md table (base, pointwise, pairwise, listwise, hybrid,
 fused, published; on validation and test, with intervals, the guard's decision and slices) for
 the champion base model and adapter, stored in the database, shown as a Prefect artifact and
 written as an HTML report with plots."""

@@ -178,7 +178,7 @@ def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]
 
 
 def publish_eval_artifacts(report: Any, report_path: str) -> None:
-    """The METHOD.md table with each method's difference to the base and its interval, the
+    """The docs/METHOD.md table with each method's difference to the base and its interval, the
     guard's decision and the slices, as a table artifact and a markdown artifact."""
     from recranker_core.ranker.report import guard_line, markdown_table, slice_rows, table_rows
 
@@ -188,7 +188,7 @@ def publish_eval_artifacts(report: Any, report_path: str) -> None:
         table=rows,
         description="HR/NDCG of the base model, each task, the hybrid, the fused and the "
         "published ranking, with each difference to the base and its 95% paired-bootstrap "
-        "interval (METHOD.md table)",
+        "interval (docs/METHOD.md table)",
     )
     lines = ["### Ranker evaluation", "", f"- {guard_line(report)}"]
     if report.sample:

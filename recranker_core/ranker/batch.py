@@ -1,8 +1,8 @@
-"""Batch ranking of active users (METHOD.md section 6, issue 5): what a run serves (`plan_serving`:
-in mode `fused`, the champion adapter's stored guard decision), per shard of users, candidates
-from the champion's ONNX scorer, prompts from each user's ratings up to the watermark, LLM
-scores with the champion adapter, fused (or hybrid, single-task) re-ranking, and the rows to
-publish. A user the LLM cannot score keeps the base ranking (source 'base')."""
+"""Batch ranking of active users (docs/METHOD.md section 6, issue 5): what a run serves
+(`plan_serving`: in mode `fused`, the champion adapter's stored guard decision), per shard of
+users, candidates from the champion's ONNX scorer, prompts from each user's ratings up to the
+watermark, LLM scores with the champion adapter, fused (or hybrid, single-task) re-ranking, and
+the rows to publish. A user the LLM cannot score keeps the base ranking (source 'base')."""
 
 from __future__ import annotations
 

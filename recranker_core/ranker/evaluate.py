@@ -1,6 +1,6 @@
-"""The ranker's evaluation table (METHOD.md sections 1 and 6): HR/NDCG@3/5/10 of the base model,
-each single task, the hybrid, the fused ranking and the published one, on validation and test,
-averaged over ALL evaluable users, with each method's paired-bootstrap interval of its
+"""The ranker's evaluation table (docs/METHOD.md sections 1 and 6): HR/NDCG@3/5/10 of the base
+model, each single task, the hybrid, the fused ranking and the published one, on validation and
+test, averaged over ALL evaluable users, with each method's paired-bootstrap interval of its
 difference to the base model, the guard's decision, and slices by user activity and item
 popularity.
 
@@ -45,9 +45,9 @@ TARGETS = ("valid", "test")
 METHODS = (*MODES, "hybrid_tuned", "fused", "published")
 # The metrics whose difference to the base model gets a paired-bootstrap interval.
 DIFF_METRICS = ("ndcg@3", "ndcg@10", "hr@3")
-# The guard and the fused weights read NDCG at this cut-off (METHOD.md section 6).
+# The guard and the fused weights read NDCG at this cut-off (docs/METHOD.md section 6).
 GUARD_K = 3
-# Train-like counts that bound the user slices (METHOD.md: few-shot users first).
+# Train-like counts that bound the user slices (docs/METHOD.md: few-shot users first).
 LIKE_SLICES = (("<=10", 0, 10), ("11-50", 11, 50), (">50", 51, None))
 POPULARITY_TIERS = ("head", "torso", "tail")
 
@@ -174,7 +174,7 @@ def target_prompts(
     ctx: Any, catalog: Catalog, hints: Any, ts: TargetScores, settings: Any, rows: Sequence[int]
 ) -> list[tuple[int, list[int], list[Prompt]]]:
     """(user, candidates, prompts) of the given rows of `ts`. The hints come from the scoring
-    that produced these candidates (METHOD.md section 6): their base order is the candidates'
+    that produced these candidates (docs/METHOD.md section 6): their base order is the candidates'
     order, also for the test target of a sequence model (whose train-sequence scores would be
     stale); `hints` only supplies the rating predictions."""
     from recranker_core.ranker.tuning import CandidateHints
@@ -319,7 +319,7 @@ def build_report(
     seed: int = 0,
     n_boot: int = 1000,
 ) -> EvalReport:
-    """The METHOD.md table from scored targets. `hybrid` uses the configured weights;
+    """The docs/METHOD.md table from scored targets. `hybrid` uses the configured weights;
     `hybrid_tuned` the weights with the best validation NDCG@10; `fused` the four weights with
     the best validation NDCG@3; `published` what the guard serves (the fused order when
     `cross_fit_guard` on the validation users says so, else the base order). The last three

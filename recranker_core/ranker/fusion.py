@@ -1,5 +1,5 @@
-"""Fused ranking and its guard (METHOD.md section 6): the base model's score joins the three LLM
-task utilities, weights chosen on validation users only; the fusion is served only when a
+"""Fused ranking and its guard (docs/METHOD.md section 6): the base model's score joins the three
+LLM task utilities, weights chosen on validation users only; the fusion is served only when a
 cross-fitted measurement says it beats the base order by more than one standard error.
 
 Pure numpy: the evaluation, the tuning loop and batch ranking all call these functions."""

@@ -1,5 +1,5 @@
-"""The evaluation report: the METHOD.md table (with each method's difference to the base model and
-its paired-bootstrap interval, the guard's decision and the slices) stored in
+"""The evaluation report: the docs/METHOD.md table (with each method's difference to the base model
+and its paired-bootstrap interval, the guard's decision and the slices) stored in
 recranker.ranker_evaluations, and written as a static HTML page with plots (inline SVG, no
 plotting dependency) under $RECRANKER_HOME/reports/.
 
@@ -34,7 +34,7 @@ NO_DIFFERENCE = "no measurable difference"
 
 def difference_text(diff: float, lo: float, hi: float) -> str:
     """A difference to the base model in words: a gain or a loss only when its interval
-    excludes 0, else "no measurable difference" (METHOD.md section 1).
+    excludes 0, else "no measurable difference" (docs/METHOD.md section 1).
 
     >>> difference_text(0.0123, 0.004, 0.021)
     '+0.0123 [+0.0040, +0.0210]'
