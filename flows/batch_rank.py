@@ -1,6 +1,7 @@
-"""Flow `batch-rank`: every active user's candidates from the champion base model, re-ranked by
-the LLM with the champion adapter, written shard by shard under a new run id, then published by
-moving one pointer, so consumers of `recommendations_current` switch runs atomically."""
+"""Flow `batch-rank`: every active user's candidates from the champion base model, re-ranked as
+the champion adapter's guard decided (mode `fused`: the fused order, or the base order with no
+LLM time), written shard by shard under a new run id, then published by moving one pointer, so
+consumers of `recommendations_current` switch runs atomically."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tasks.ranking import (
     load_champion_task,
     publish_rank_artifacts,
     rank_shard_task,
-    serving_adapter_task,
+    serving_plan_task,
 )
 from tasks.runner import task_runner
 
@@ -46,34 +47,43 @@ def batch_rank_flow(
             llm_users = most_active_users(
                 database_url, users, watermark, settings.rank.llm_max_users
             )
-        adapter = serving_adapter_task(database_url, settings)
-        adapter_id = adapter.adapter_id if adapter is not None else None
+        plan = serving_plan_task(database_url, settings)
+        # The run's lineage names the adapter consulted (whose decision it serves); shards load
+        # it only when the LLM re-ranks.
+        adapter_id = plan.adapter.adapter_id if plan.adapter is not None else None
+        shard_adapter_id = adapter_id if plan.llm else None
         prompts = settings.prompts.model_dump(mode="json")
-        if adapter is not None:  # the adapter scores with the template it was tuned with
-            prompts["template"] = adapter.template_version
+        if plan.llm and plan.adapter is not None:  # it scores with the template it was tuned with
+            prompts["template"] = plan.adapter.template_version
+        params: dict[str, Any] = {
+            "mode": settings.rank.mode,
+            "weights": settings.rank.weights,
+            "k": settings.rank.k,
+            "active_window_days": settings.rank.active_window_days,
+            "llm_max_users": settings.rank.llm_max_users,
+            "prompts": prompts,
+        }
+        if plan.fusion is not None:
+            params["fusion"] = plan.fusion
+        if settings.rank.fused_weights is not None:
+            params["fused_weights"] = settings.rank.fused_weights
         state = runs.start_run(
             database_url,
             run_id=run_id,
             model_id=champion.model_id,
             adapter_id=adapter_id,
             data_watermark=watermark,
-            params={
-                "mode": settings.rank.mode,
-                "weights": settings.rank.weights,
-                "k": settings.rank.k,
-                "active_window_days": settings.rank.active_window_days,
-                "llm_max_users": settings.rank.llm_max_users,
-                "prompts": prompts,
-            },
+            params=params,
             shards=shards_of(users, settings.rank.shard_size),
         )
         logger.info(
-            "run %s: %d users in %d shards (%d done already), watermark %s",
+            "run %s: %d users in %d shards (%d done already), watermark %s; %s",
             state.run_id,
             len(users),
             len(state.shards),
             len(state.done_shards),
             watermark,
+            plan.note,
         )
         popular = popular_items(database_url, watermark)
         results: list[dict[str, Any]] = []
@@ -92,7 +102,8 @@ def batch_rank_flow(
                             "watermark": watermark,
                             "settings": settings,
                             "model_id": champion.model_id,
-                            "adapter_id": adapter_id,
+                            "adapter_id": shard_adapter_id,
+                            "fused_weights": plan.fused.as_list() if plan.fused else None,
                             "llm_users": None
                             if llm_users is None
                             else sorted(llm_users.intersection(shard_users)),
@@ -146,6 +157,9 @@ def batch_rank_flow(
         "model_id": champion.model_id,
         "adapter_id": adapter_id,
         "mode": settings.rank.mode,
+        "served": plan.served,
+        "serving": plan.note,
+        "fusion": plan.fusion,
         "resumed_shards": len(state.done_shards),
         "dropped": dropped,
         "seconds": round(time.perf_counter() - started, 1),

@@ -476,14 +476,15 @@ def adapters_list(
         return
     typer.echo(
         f"{'id':>4} {'objective':<9} {'status':<10} {'valid ndcg@10':>13} {'base':>7} "
-        f"{'backbone':<34} created"
+        f"{'fusion (gain±se)':<22} {'backbone':<34} created"
     )
     for a in adapters:
         valid = a.metrics.get("valid", {}).get("ndcg@10", float("nan"))
         base = a.metrics.get("valid_base", {}).get("ndcg@10", float("nan"))
         typer.echo(
             f"{a.adapter_id:>4} {a.objective:<9} {a.status:<10} {valid:>13.4f} {base:>7.4f} "
-            f"{a.backbone_id[:34]:<34} {a.created_at:%Y-%m-%d %H:%M}"
+            f"{_served(a.metrics.get('fusion')):<22} {a.backbone_id[:34]:<34} "
+            f"{a.created_at:%Y-%m-%d %H:%M}"
         )
 
 
@@ -517,7 +518,8 @@ def rank(
     mode: Annotated[
         str | None,
         typer.Option(
-            help="hybrid | pointwise | pairwise | listwise | base (RECRANKER_RANK__MODE)."
+            help="fused | hybrid | pointwise | pairwise | listwise | base "
+            "(RECRANKER_RANK__MODE, default fused: what the champion adapter's guard decided)."
         ),
     ] = None,
     no_publish: Annotated[
@@ -528,6 +530,7 @@ def rank(
     from flows.batch_rank import batch_rank_flow
 
     summary = batch_rank_flow(run_id, mode, not no_publish)
+    typer.echo(summary["serving"])
     typer.echo(
         f"run {summary['run_id']} {summary['status']}: {summary['users']:,} users, "
         f"{summary['rows']:,} rows ({summary['llm_users']:,} re-ranked by the LLM, "
@@ -538,23 +541,53 @@ def rank(
 @app.command("eval")
 def evaluate(
     max_users: Annotated[
-        int | None, typer.Option(help="Evaluate a seeded random subset of this many users.")
+        int | None,
+        typer.Option(
+            help="Evaluate a seeded random subset of this many users (a quick look); default "
+            "RECRANKER_RANK__EVAL_MAX_USERS, unset: every evaluable user."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
-    """HR/NDCG@3/5/10 of the base model, each task and the hybrid on validation and test,
-    stored in the database and written as an HTML report (the `evaluate-ranker` flow)."""
+    """HR/NDCG@3/5/10 of the base model, each task, the hybrid, the fused ranking and the
+    published one on validation and test, each difference to the base with its paired-bootstrap
+    interval, the guard's decision and slices; stored in the database and written as an HTML
+    report (the `evaluate-ranker` flow)."""
     from flows.evaluate_ranker import evaluate_ranker_flow
 
     result = evaluate_ranker_flow(None, max_users)
     if as_json:
         _echo_json(result["table"])
         return
-    metrics = ("hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10")
-    typer.echo(f"{'method':<13} {'split':<6} " + " ".join(f"{m:>8}" for m in metrics))
-    for mode, targets in result["table"].items():
-        for target, values in targets.items():
-            typer.echo(f"{mode:<13} {target:<6} " + " ".join(f"{values[m]:>8.4f}" for m in metrics))
+    _print_evaluation(result)
+
+
+def _print_evaluation(result: dict[str, Any]) -> None:
+    from recranker_core.ranker.report import METRICS
+
+    if result.get("sample"):
+        typer.echo(f"SAMPLE: {result['sample']}")
+    guard = result.get("guard")
+    if guard:
+        typer.echo(f"guard: serves {guard['served'].upper()}: {guard['reason']}")
+    typer.echo(f"{'method':<13} {'split':<6} " + " ".join(f"{m:>8}" for m in METRICS))
+    for row in result["rows"]:
+        typer.echo(
+            f"{row['method']:<13} {row['split']:<6} " + " ".join(f"{row[m]:>8.4f}" for m in METRICS)
+        )
+    typer.echo("\ndifference to the base model, 95% paired-bootstrap interval over all users:")
+    for row in result["rows"]:
+        if row["method"] == "base":
+            continue
+        diffs = "; ".join(f"{k} {v}" for k, v in row.items() if k.endswith("vs base") and v)
+        typer.echo(f"{row['method']:<13} {row['split']:<6} {diffs}")
+    if result.get("slices"):
+        typer.echo("\nslices (test NDCG@3):")
+        for row in result["slices"]:
+            typer.echo(
+                f"{row['slice']:<22} {row['users']:>6} users  {row['method']:<13} "
+                f"{row['ndcg@3']:.4f}  {row['vs base']}"
+            )
     typer.echo(f"weights: {json.dumps(result['weights'])}")
     typer.echo(f"report: {result['report']}")
 
@@ -566,19 +599,39 @@ def tune_weights(
     ] = None,
     step: Annotated[float, typer.Option(help="Grid step on the weight simplex.")] = 0.1,
 ) -> None:
-    """Choose the hybrid weights on VALIDATION users only (test is never read) and print the
-    setting to use."""
+    """Choose the four fused weights (base, pointwise, pairwise, listwise) on VALIDATION users
+    only (test is never read), run the cross-fitted guard, print the decision and store it on
+    the champion adapter: what `recranker rank` serves in mode `fused`."""
     from flows.evaluate_ranker import evaluate_ranker_flow
+    from recranker_core.ranker.fusion import GuardDecision
+    from recranker_core.registry import update_adapter_fusion
+    from recranker_core.stack import database_url
 
-    result = evaluate_ranker_flow(["valid"], max_users)
+    result = evaluate_ranker_flow(["valid"], max_users, step)
+    decision = GuardDecision.from_json(result["guard"])
+    if result.get("sample"):
+        typer.echo(f"SAMPLE: {result['sample']}")
+    typer.echo(f"guard: serves {decision.served.upper()}: {decision.reason}")
+    typer.echo(
+        f"fused weights (validation NDCG@{decision.k}): {decision.weights.label()}; "
+        f"out of sample fused {decision.fused_ndcg:.4f} vs base {decision.base_ndcg:.4f}"
+    )
+    update_adapter_fusion(database_url(_settings()), result["adapter_id"], decision)
+    typer.echo(
+        f"stored on adapter {result['adapter_id']}: mode fused serves "
+        + (
+            "the fused order with these weights"
+            if decision.served == "fused"
+            else "the base order (no LLM time)"
+        )
+    )
     tuned = result["weights"]["tuned_on_valid"]
+    values = [round(tuned[t], 4) for t in ("pointwise", "pairwise", "listwise")]
     best = result["table"]["hybrid_tuned"]["valid"]["ndcg@10"]
     typer.echo(
-        f"validation ndcg@10 {best:.4f} with weights {tuned} (configured: "
-        f"{result['table']['hybrid']['valid']['ndcg@10']:.4f})"
+        f"for the hybrid ablation (mode hybrid; validation ndcg@10 {best:.4f}): "
+        f"export RECRANKER_RANK__WEIGHTS='{json.dumps(values)}'"
     )
-    values = [round(tuned[t], 4) for t in ("pointwise", "pairwise", "listwise")]
-    typer.echo(f"export RECRANKER_RANK__WEIGHTS='{json.dumps(values)}'")
 
 
 @app.command("runs")
@@ -595,9 +648,23 @@ def runs_list(
     if as_json:
         _echo_json(runs)
         return
+    typer.echo(f"  {'run':<28} {'status':<10} {'served (gain±se)':<24} counts")
     for r in runs:
         mark = "*" if r["current"] else " "
-        typer.echo(f"{mark} {r['run_id']:<28} {r['status']:<10} {r.get('counts') or {}}")
+        typer.echo(
+            f"{mark} {r['run_id']:<28} {r['status']:<10} {_served(r.get('fusion')):<24} "
+            f"{r.get('counts') or {}}"
+        )
+
+
+def _served(fusion: dict[str, Any] | None) -> str:
+    """The guard's decision in one cell: served, gain and se (or '-' when none applies)."""
+    if not fusion:
+        return "-"
+    served = fusion.get("served", "?")
+    if fusion.get("gain") is None:
+        return str(served)
+    return f"{served} {fusion['gain']:+.4f}±{fusion.get('se', 0.0):.4f}"
 
 
 @app.command("settings")
@@ -689,6 +756,7 @@ def demo() -> None:
     from flows.batch_rank import batch_rank_flow
 
     run = batch_rank_flow()
+    typer.echo(run["serving"])
     typer.echo(
         f"run {run['run_id']} published: {run['rows']:,} rows for {run['users']:,} users "
         f"({run['llm_users']:,} re-ranked by the LLM) in {run['seconds']} s"
@@ -697,13 +765,7 @@ def demo() -> None:
 
     typer.echo("\nevaluating (docs/METHOD.md table):")
     result = evaluate_ranker_flow()
-    for mode, targets in result["table"].items():
-        test = targets.get("test", {})
-        typer.echo(
-            f"  {mode:<13} test ndcg@3 {test.get('ndcg@3', float('nan')):.4f}  "
-            f"ndcg@10 {test.get('ndcg@10', float('nan')):.4f}  hr@10 {test.get('hr@10', 0):.4f}"
-        )
-    typer.echo(f"\nreport: {result['report']}")
+    _print_evaluation(result)
     typer.echo(
         "sample query (as any role in recranker_reader):\n"
         f"  psql '{redact_url(url)}' -v user_id=1 -f sql/examples/top_k_for_user.sql\n"

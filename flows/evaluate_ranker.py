@@ -1,6 +1,7 @@
-"""Flow `evaluate-ranker`: the docs/METHOD.md table (base, pointwise, pairwise, listwise, hybrid; on
-validation and test) for the champion base model and adapter, stored in the database, shown as
-a Prefect artifact and written as an HTML report with plots."""
+"""Flow `evaluate-ranker`: the docs/METHOD.md table (base, pointwise, pairwise, listwise, hybrid,
+fused, published; on validation and test, with intervals, the guard's decision and slices) for
+the champion base model and adapter, stored in the database, shown as a Prefect artifact and
+written as an HTML report with plots."""
 
 from __future__ import annotations
 
@@ -16,14 +17,21 @@ from tasks.tuning import load_base_task
 
 @flow(name="evaluate-ranker")
 def evaluate_ranker_flow(
-    targets: list[str] | None = None, max_users: int | None = None
+    targets: list[str] | None = None, max_users: int | None = None, step: float = 0.1
 ) -> dict[str, Any]:
     """Evaluate on `targets` (default validation and test); `max_users` caps the evaluable
-    users (a seeded random subset; default RECRANKER_RANK__EVAL_MAX_USERS)."""
+    users (a seeded random subset; default RECRANKER_RANK__EVAL_MAX_USERS: unset, all of
+    them); `step` is the grid step of the weights chosen on validation users."""
     from recranker_core.errors import ConfigError
     from recranker_core.ranker.evaluate import TARGETS, evaluate
     from recranker_core.ranker.prompts import Catalog
-    from recranker_core.ranker.report import save_evaluation, table_rows, write_html
+    from recranker_core.ranker.report import (
+        guard_line,
+        save_evaluation,
+        slice_rows,
+        table_rows,
+        write_html,
+    )
     from recranker_core.ranker.tuning import BaseHints
 
     settings = load_settings()
@@ -41,15 +49,23 @@ def evaluate_ranker_flow(
     hints = BaseHints(ctx)
     limit = max_users or settings.rank.eval_max_users
     report, _ = evaluate(
-        ctx, catalog, hints, ranker.model, ranker.tokenizer, settings, targets, max_users=limit
+        ctx,
+        catalog,
+        hints,
+        ranker.model,
+        ranker.tokenizer,
+        settings,
+        targets,
+        max_users=limit,
+        step=step,
     )
     context = {
         "base model": f"{ctx.model_id} ({ctx.kind})",
         "adapter": ranker.adapter.label,
         "prompt template": settings.prompts.template,
         "backbone": ranker.backbone_id,
-        "users": limit or "all evaluable",
-        "seconds": report.seconds,
+        "users": report.sample or "all evaluable users",
+        "seconds scoring": ", ".join(f"{t} {s} s" for t, s in report.seconds.items()),
     }
     path = write_html(
         report, settings.home / "reports", title="recranker: ranker evaluation", context=context
@@ -63,16 +79,25 @@ def evaluate_ranker_flow(
             "targets": targets,
             "max_users": limit,
             "weights": settings.rank.weights,
+            "step": step,
             "template": settings.prompts.template,
         },
         report_path=path,
     )
-    publish_eval_artifacts(table_rows(report), str(path), report.weights)
+    publish_eval_artifacts(report, str(path))
+    logger.info("%s", guard_line(report))
+    if report.sample:
+        logger.warning("evaluated on %s", report.sample)
     logger.info("evaluation %d written to %s", evaluation_id, path)
     return {
         "table": report.as_json(),
         "weights": report.weights,
         "counts": report.counts,
+        "guard": report.guard.as_json() if report.guard is not None else None,
+        "sample": report.sample,
+        "rows": table_rows(report),
+        "slices": slice_rows(report),
         "report": str(path),
         "evaluation_id": evaluation_id,
+        "adapter_id": ranker.adapter.adapter_id,
     }

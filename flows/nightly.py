@@ -74,7 +74,7 @@ def nightly_flow(params: NightlyParams = NightlyParams()) -> dict[str, Any]:
             f"run `{ranked['run_id']}` {ranked['status']}"
             + (f" (previous `{ranked['previous']}`)" if ranked.get("previous") else "")
             + f": {ranked['users']:,} users, {ranked['rows']:,} rows, {ranked['llm_users']:,} "
-            "re-ranked by the LLM"
+            f"re-ranked by the LLM; served {ranked.get('served', ranked['mode'])}"
         )
         stages[-1].details = ranked
 
@@ -86,10 +86,15 @@ def nightly_flow(params: NightlyParams = NightlyParams()) -> dict[str, Any]:
             evaluated = _run_stage(
                 stages, "evaluate-ranker", evaluate_ranker_flow, None, params.eval_max_users
             )
-            hybrid = evaluated["table"].get("hybrid", {}).get("test", {})
+            table = evaluated["table"]
+            published = table.get("published", table.get("hybrid", {})).get("test", {})
+            base = table.get("base", {}).get("test", {})
+            guard = table.get("guard") or {}
             stages[-1].summary = (
-                f"evaluation {evaluated['evaluation_id']}, hybrid test ndcg@10 "
-                f"{hybrid.get('ndcg@10', float('nan')):.4f}; report "
+                f"evaluation {evaluated['evaluation_id']}, published test ndcg@3 "
+                f"{published.get('ndcg@3', float('nan')):.4f} (base "
+                f"{base.get('ndcg@3', float('nan')):.4f}; the guard serves "
+                f"{guard.get('served', 'n/a')}); report "
                 f"[{evaluated['report']}](file://{evaluated['report']})"
             )
             stages[-1].details = {

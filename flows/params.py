@@ -21,7 +21,7 @@ from recranker_core.ingest import IngestResult
 # starts; they mirror recranker_core (base.train.KINDS, ranker.evaluate.TARGETS, RankSettings).
 FileFormat = Literal["movielens", "csv", "parquet"]
 BaseKind = Literal["mostpop", "mf", "lightgcn", "sasrec", "biasedmf"]
-RankMode = Literal["hybrid", "pointwise", "pairwise", "listwise", "base"]
+RankMode = Literal["fused", "hybrid", "pointwise", "pairwise", "listwise", "base"]
 EvalTarget = Literal["valid", "test"]
 TuneProfile = Literal["full", "cpu", "cpu-demo"]
 TuneObjective = Literal["sft", "alro", "dmpo"]  # TuneSettings.objective

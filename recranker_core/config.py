@@ -376,14 +376,22 @@ class RankSettings(BaseModel):
     )
     k: int = Field(10, ge=1, description="Recommendations kept per user in the published run.")
     mode: str = Field(
-        "hybrid",
-        description="How candidates are re-ranked: `hybrid`, `pointwise`, `pairwise`, "
-        "`listwise` (single-task ablations) or `base` (no LLM).",
+        "fused",
+        description="How candidates are re-ranked: `fused` (what the champion adapter's stored "
+        "guard decision says: the base score fused with the three task utilities, or the base "
+        "order with no LLM time when the fusion did not beat it on validation), `hybrid`, "
+        "`pointwise`, `pairwise`, `listwise` (ablations) or `base` (no LLM).",
     )
     weights: list[float] = Field(
         default_factory=lambda: [1 / 3, 1 / 3, 1 / 3],
-        description="Hybrid weights of the pointwise, pairwise and listwise utilities (a JSON "
-        "list); `recranker tune-weights` chooses them on validation users.",
+        description="Mode `hybrid`: weights of the pointwise, pairwise and listwise utilities "
+        "(a JSON list); `recranker tune-weights` prints the ones chosen on validation users.",
+    )
+    fused_weights: list[float] | None = Field(
+        None,
+        description="Mode `fused`: four weights (base, pointwise, pairwise, listwise; a JSON "
+        "list) that override the adapter's stored ones and its guard (the fusion is served "
+        "with them), recorded in the run's params. Unset: the stored decision.",
     )
     shard_size: int = Field(
         1024,
@@ -420,6 +428,15 @@ class RankSettings(BaseModel):
     def _three_weights(cls, v: list[float]) -> list[float]:
         if len(v) != 3 or min(v) < 0 or sum(v) <= 0:
             raise ValueError("three non-negative weights (pointwise, pairwise, listwise) needed")
+        return v
+
+    @field_validator("fused_weights")
+    @classmethod
+    def _four_weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 4 or min(v) < 0 or sum(v) <= 0):
+            raise ValueError(
+                "four non-negative weights (base, pointwise, pairwise, listwise) needed"
+            )
         return v
 
 

@@ -173,7 +173,7 @@ def gate(
 def adapter_gate(
     candidate: GuardDecision, champion: GuardDecision | None, tolerance: float
 ) -> GateDecision:
-    """The adapter promotion gate on the metric that is served (METHOD.md sections 5 and 6).
+    """The adapter promotion gate on the metric that is served (docs/METHOD.md sections 5 and 6).
 
     Promote only when the candidate's guard serves the fusion (its cross-fitted fused NDCG@k
     beats the base order on validation by more than one standard error) and, given the

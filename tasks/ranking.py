@@ -12,8 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from recranker_core.base.candidates import ChampionScorer
 from recranker_core.config import Settings
-from recranker_core.ranker.batch import Ranker
-from recranker_core.registry import AdapterRecord
+from recranker_core.ranker.batch import Ranker, ServingPlan
 from tasks.common import retry_transient, store_for
 
 
@@ -59,26 +58,25 @@ def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
 
 
 @task(
-    name="serving-adapter",
+    name="serving-plan",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_transient,
 )
-def serving_adapter_task(database_url: str, settings: Settings) -> AdapterRecord | None:
-    """The adapter a batch-ranking run serves: the champion adapter, or None (a base-only run)
-    in mode `base` or while no adapter has been tuned."""
+def serving_plan_task(database_url: str, settings: Settings) -> ServingPlan:
+    """What a batch-ranking run serves: in mode `base` no adapter; otherwise the champion
+    adapter, and in mode `fused` its stored guard decision (base order and no LLM time, or the
+    fused order with its weights; RECRANKER_RANK__FUSED_WEIGHTS overrides them)."""
     from recranker_core import registry
+    from recranker_core.ranker.batch import plan_serving
 
-    if settings.rank.mode == "base":
-        get_run_logger().info("mode base: no LLM re-ranking in this run")
-        return None
-    record = registry.champion_adapter(database_url)
-    if record is None:
-        get_run_logger().warning("no champion adapter: this run publishes base rankings only")
-        return None
-    get_run_logger().info("ranker adapter: %s", record.label)
-    return record
+    mode = settings.rank.mode
+    record = None if mode == "base" else registry.champion_adapter(database_url)
+    plan = plan_serving(mode, record, settings.rank.fused_weights)
+    logger = get_run_logger()
+    (logger.warning if record is None and mode != "base" else logger.info)("%s", plan.note)
+    return plan
 
 
 @task(
@@ -99,13 +97,17 @@ def rank_shard_task(
     adapter_id: int | None,
     llm_users: list[str] | None,
     popular: list[str] | None = None,
+    fused_weights: list[float] | None = None,
 ) -> dict[str, Any]:
     """Rank one shard and write its rows in one transaction (idempotent: a retry, or the same
     shard run twice, replaces its rows). The models come from this process's serving cache
-    (fetched from S3 and verified once per process), the users' data from PostgreSQL."""
+    (fetched from S3 and verified once per process), the users' data from PostgreSQL; mode
+    `fused` re-ranks with `fused_weights` (base, pointwise, pairwise, listwise), decided once
+    for the run."""
     import time
 
     from recranker_core.ranker.batch import rank_shard, serving_models
+    from recranker_core.ranker.fusion import FusedWeights
     from recranker_core.ranker.publish import write_shard
 
     started = time.perf_counter()
@@ -120,6 +122,7 @@ def rank_shard_task(
         settings,
         llm_users=None if llm_users is None else set(llm_users),
         popular=popular,
+        fused=None if fused_weights is None else FusedWeights.from_list(fused_weights),
     )
     seconds = time.perf_counter() - started
     written = write_shard(
@@ -163,7 +166,8 @@ def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]
         f"- rows: {summary['rows']:,} in `recranker.recommendations`; consumers read "
         "`recranker.recommendations_current`",
         f"- base model {summary['model_id']}, adapter {summary['adapter_id']}, "
-        f"mode {summary['mode']}",
+        f"mode {summary['mode']}, served **{summary['served']}**",
+        f"- {summary['serving']}",
         f"- {summary['seconds']} s in all",
     ]
     if summary.get("dropped"):
@@ -173,15 +177,34 @@ def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]
     )
 
 
-def publish_eval_artifacts(rows: list[dict[str, Any]], report_path: str, weights: Any) -> None:
+def publish_eval_artifacts(report: Any, report_path: str) -> None:
+    """The docs/METHOD.md table with each method's difference to the base and its interval, the
+    guard's decision and the slices, as a table artifact and a markdown artifact."""
+    from recranker_core.ranker.report import guard_line, markdown_table, slice_rows, table_rows
+
+    rows = table_rows(report)
     create_table_artifact(
         key="ranker-evaluation",
         table=rows,
-        description="HR/NDCG of the base model, each task and the hybrid (docs/METHOD.md table)",
+        description="HR/NDCG of the base model, each task, the hybrid, the fused and the "
+        "published ranking, with each difference to the base and its 95% paired-bootstrap "
+        "interval (docs/METHOD.md table)",
     )
+    lines = ["### Ranker evaluation", "", f"- {guard_line(report)}"]
+    if report.sample:
+        lines.append(f"- sample: {report.sample}")
+    lines += [
+        f"- HTML report with plots: `{report_path}` (file://{report_path})",
+        f"- weights: `{report.weights}`",
+        "",
+        'A difference whose interval contains 0 is written "no measurable difference".',
+        "",
+        markdown_table(rows),
+    ]
+    if report.slices:
+        lines += ["", "#### Slices (test NDCG@3)", "", markdown_table(slice_rows(report))]
     create_markdown_artifact(
         key="ranker-evaluation-report",
-        markdown=f"### Ranker evaluation\n\nHTML report with plots: `{report_path}` "
-        f"(file://{report_path})\n\nweights: `{weights}`",
-        description="Where the evaluation report is",
+        markdown="\n".join(lines),
+        description="The evaluation table with intervals, the guard's decision and the slices",
     )

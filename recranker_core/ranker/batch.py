@@ -1,7 +1,8 @@
-"""Batch ranking of active users (docs/METHOD.md section 6, issue 5): per shard of users, candidates
-from the champion's ONNX scorer, prompts from each user's ratings up to the watermark, LLM
-scores with the champion adapter, hybrid re-ranking, and the rows to publish. A user the LLM
-cannot score keeps the base ranking (source 'base')."""
+"""Batch ranking of active users (docs/METHOD.md section 6, issue 5): what a run serves
+(`plan_serving`: in mode `fused`, the champion adapter's stored guard decision), per shard of
+users, candidates from the champion's ONNX scorer, prompts from each user's ratings up to the
+watermark, LLM scores with the champion adapter, fused (or hybrid, single-task) re-ranking, and
+the rows to publish. A user the LLM cannot score keeps the base ranking (source 'base')."""
 
 from __future__ import annotations
 
@@ -21,11 +22,104 @@ from recranker_core import registry
 from recranker_core.base.candidates import ChampionScorer, champion_candidates, load_champion
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
+from recranker_core.errors import ConfigError
+from recranker_core.ranker.fusion import FusedWeights, fused_utilities
 from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, rerank, utilities
 from recranker_core.ranker.prompts import Catalog, build_inference_prompts
 from recranker_core.ranker.publish import RecommendationRow
 
 log = logging.getLogger(__name__)
+
+# RECRANKER_RANK__MODE: `fused` (the default) serves what the adapter's guard decided.
+SERVING_MODES = ("fused", *MODES)
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What a batch-ranking run serves, decided once per run: whether shards load the LLM and,
+    in mode `fused`, with which weights; `note` says it in one sentence (log, params,
+    artifact)."""
+
+    mode: str
+    adapter: registry.AdapterRecord | None  # the champion adapter consulted (None: none)
+    llm: bool  # shards load the backbone and re-rank with it
+    fused: FusedWeights | None  # mode fused with the LLM: the weights served
+    note: str
+    fusion: dict[str, Any] | None = None  # mode fused: what the run records in its params
+
+    @property
+    def served(self) -> str:
+        """'fused', 'base' or the ablation mode served."""
+        if self.mode == "fused":
+            return "fused" if self.llm else "base"
+        return self.mode if self.llm else "base"
+
+
+def served_weights(record: registry.AdapterRecord) -> FusedWeights | None:
+    """The weights an adapter's stored guard decision serves; None when it serves the base
+    order or no decision is stored."""
+    decision = record.fusion
+    return decision.weights if decision is not None and decision.served == "fused" else None
+
+
+def plan_serving(
+    mode: str, adapter: registry.AdapterRecord | None, override: list[float] | None = None
+) -> ServingPlan:
+    """What a run in `mode` serves with the champion `adapter`.
+
+    Mode `fused` reads the adapter's stored guard decision (`metrics["fusion"]`): "base" (or
+    none stored) serves the base order and spends no LLM time; "fused" re-ranks with its
+    weights. `override` (RECRANKER_RANK__FUSED_WEIGHTS) replaces the stored weights and the
+    guard. Weights with nothing on the LLM tasks serve the base order without the LLM too."""
+    if mode not in SERVING_MODES:
+        raise ConfigError(f"RECRANKER_RANK__MODE={mode!r}: use one of {', '.join(SERVING_MODES)}")
+    if mode == "base":
+        return ServingPlan(mode, None, False, None, "mode base: no LLM re-ranking in this run")
+    if adapter is None:
+        return ServingPlan(
+            mode,
+            None,
+            False,
+            None,
+            f"mode {mode}: no champion adapter, every user gets the base ranking (source "
+            "'base'); run `recranker tune` first",
+            {"served": "base", "source": "no adapter"} if mode == "fused" else None,
+        )
+    if mode != "fused":
+        return ServingPlan(mode, adapter, True, None, f"mode {mode}: {adapter.label}")
+    decision = adapter.fusion
+    record: dict[str, Any] = {
+        "adapter_id": adapter.adapter_id,
+        "guard": decision.served if decision is not None else None,
+    }
+    if decision is not None:
+        record.update({k: decision.as_json()[k] for k in ("gain", "se", "k", "n_users", "reason")})
+    if override is not None:
+        weights: FusedWeights | None = FusedWeights.from_list(override)
+        record["source"] = "RECRANKER_RANK__FUSED_WEIGHTS"
+        why = (
+            "RECRANKER_RANK__FUSED_WEIGHTS overrides the stored decision ("
+            + (f"whose guard served {decision.served}" if decision else "none stored")
+            + ")"
+        )
+    elif decision is None:
+        weights = None
+        record["source"] = "none stored"
+        why = (
+            f"{adapter.label} has no stored guard decision (run `recranker tune-weights` to "
+            "measure one)"
+        )
+    else:
+        weights = decision.weights if decision.served == "fused" else None
+        record["source"] = "stored"
+        why = f"{adapter.label}'s guard: {decision.reason}"
+    if weights is None or not weights.tasks:
+        record.update({"served": "base", "weights": weights.as_list() if weights else None})
+        note = f"mode fused: {why}; every user gets the base list (source 'base'), no LLM time"
+        return ServingPlan(mode, adapter, False, None, note, record)
+    record.update({"served": "fused", "weights": weights.as_list()})
+    note = f"mode fused: {why}; re-ranking with weights {weights.label()}"
+    return ServingPlan(mode, adapter, True, weights, note, record)
 
 
 @dataclass
@@ -230,19 +324,27 @@ def rank_shard(
     *,
     llm_users: set[str] | None = None,
     popular: list[str] | None = None,
+    fused: FusedWeights | None = None,
 ) -> ShardResult:
     """Rows of one shard: every user with candidates gets `settings.rank.k` rows; users in
-    `llm_users` (all when None) are re-ranked by the LLM when a ranker is given. Users the
+    `llm_users` (all when None) are re-ranked by the LLM when a ranker is given. In mode
+    `fused` the utilities are `fused_utilities` with `fused` (default: the weights the ranker's
+    adapter's stored decision serves; none: the base order, without the LLM). Users the
     champion has never seen (cold: no embedding, no candidates) get the most `popular` items
     they have not interacted with, as base rows."""
     from recranker_core.ranker.score import score_users
 
     rank = settings.rank
-    if rank.mode not in MODES:
-        from recranker_core.errors import ConfigError
-
-        raise ConfigError(f"RECRANKER_RANK__MODE={rank.mode!r}: use one of {', '.join(MODES)}")
+    if rank.mode not in SERVING_MODES:
+        raise ConfigError(
+            f"RECRANKER_RANK__MODE={rank.mode!r}: use one of {', '.join(SERVING_MODES)}"
+        )
     weights = Weights(*rank.weights)
+    if rank.mode == "fused" and fused is None and ranker is not None:
+        fused = served_weights(ranker.adapter)
+    use_llm = ranker is not None and rank.mode != "base"
+    if rank.mode == "fused":
+        use_llm = use_llm and fused is not None and bool(fused.tasks)
     t0 = time.perf_counter()
     candidates = [
         c
@@ -259,13 +361,7 @@ def rank_shard(
     result = ShardResult([], users=len(user_ids), cold_users=len(user_ids) - len(candidates))
     result.seconds["candidates"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    to_score = [
-        c
-        for c in candidates
-        if ranker is not None
-        and rank.mode != "base"
-        and (llm_users is None or c.user_id in llm_users)
-    ]
+    to_score = [c for c in candidates if use_llm and (llm_users is None or c.user_id in llm_users)]
     reranked: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = {}
     if to_score and ranker is not None and catalog is not None:
         data = serving_split(
@@ -285,7 +381,10 @@ def rank_shard(
                 for u, (idx, c) in enumerate(zip(cand_idx, to_score, strict=True))
             },
         )
-        tasks = TASK_MODES if rank.mode == "hybrid" else (rank.mode,)
+        if fused is not None and rank.mode == "fused":
+            tasks: tuple[str, ...] = fused.tasks  # a task weighted 0 is not worth its prompts
+        else:
+            tasks = TASK_MODES if rank.mode == "hybrid" else (rank.mode,)
         prompt_settings = ranker.settings_for(settings).prompts
 
         def score(group: list[int]) -> list[Any]:
@@ -335,10 +434,14 @@ def rank_shard(
                 result.llm_failures += 1
                 continue
             for s in scored:
-                util = utilities(
-                    s.pointwise, s.pairwise, s.listwise, Weights.for_mode(rank.mode, weights)
-                )
-                order = rerank(util)  # what order_for_mode does for a non-base mode
+                if fused is not None and rank.mode == "fused":
+                    base_scores = np.asarray(to_score[s.user].scores, dtype=np.float64)
+                    util = fused_utilities(base_scores, s.pointwise, s.pairwise, s.listwise, fused)
+                else:
+                    util = utilities(
+                        s.pointwise, s.pairwise, s.listwise, Weights.for_mode(rank.mode, weights)
+                    )
+                order = rerank(util)  # stable: ties keep the base rank
                 reranked[to_score[s.user].user_id] = (order, util)
                 result.prompt_tokens += s.prompt_tokens
     result.seconds["llm"] = time.perf_counter() - t1

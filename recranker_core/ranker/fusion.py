@@ -1,5 +1,5 @@
-"""Fused ranking and its guard (METHOD.md section 6): the base model's score joins the three LLM
-task utilities, weights chosen on validation users only; the fusion is served only when a
+"""Fused ranking and its guard (docs/METHOD.md section 6): the base model's score joins the three
+LLM task utilities, weights chosen on validation users only; the fusion is served only when a
 cross-fitted measurement says it beats the base order by more than one standard error.
 
 Pure numpy: the evaluation, the tuning loop and batch ranking all call these functions."""
@@ -319,10 +319,6 @@ class GuardDecision:
             users_hash=str(d["users_hash"]),
             reason=str(d["reason"]),
         )
-
-    def summary(self) -> str:
-        """One short cell for listings: served, gain and se."""
-        return f"{self.served} {self.gain:+.4f}±{self.se:.4f}"
 
 
 def cross_fit_guard(

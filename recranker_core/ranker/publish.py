@@ -717,11 +717,13 @@ def _lock_holder(conn: psycopg.Connection) -> str:
 
 
 def list_runs(database_url: str, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest runs' ledger rows (status, lineage, counts), JSON-ready, newest first."""
+    """The newest runs' ledger rows (status, lineage, counts, the mode and the guard's decision
+    a `fused` run served), JSON-ready, newest first."""
     with connect(database_url) as conn:
         rows = conn.execute(
             """SELECT r.run_id, r.status, r.model_id, r.adapter_id, r.counts, r.started_at,
-                      r.published_at, p.run_id IS NOT NULL
+                      r.published_at, p.run_id IS NOT NULL, r.params->>'mode',
+                      r.params->'fusion'
                FROM recranker.ranking_runs r
                LEFT JOIN recranker.published p ON p.run_id = r.run_id
                ORDER BY r.started_at DESC, r.run_id DESC LIMIT %s""",
@@ -737,6 +739,19 @@ def list_runs(database_url: str, limit: int = 20) -> list[dict[str, Any]]:
             "started_at": started.isoformat() if started else None,
             "published_at": published.isoformat() if published else None,
             "current": bool(current),
+            "mode": mode,
+            "fusion": fusion,
         }
-        for run_id, status, model_id, adapter_id, counts, started, published, current in rows
+        for (
+            run_id,
+            status,
+            model_id,
+            adapter_id,
+            counts,
+            started,
+            published,
+            current,
+            mode,
+            fusion,
+        ) in rows
     ]

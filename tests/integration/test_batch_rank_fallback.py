@@ -56,6 +56,9 @@ def test_unscorable_users_fall_back_and_failed_groups_are_split(
     url = str(tiny_pipeline["database_url"])
     tune_ranker_flow(max_steps=1)
     monkeypatch.setenv("RECRANKER_RANK__USERS_PER_BATCH", "4")
+    # Mode hybrid re-ranks with the LLM whatever the adapter's guard decided (`fused` could
+    # serve the base order and never call the model).
+    monkeypatch.setenv("RECRANKER_RANK__MODE", "hybrid")
     settings = load_settings()
     store = store_for(settings)
     champion = load_champion(url, store, cache_root(settings))

@@ -49,6 +49,9 @@ def test_rank_publish_switch_and_evaluate(
         conn.commit()
     monkeypatch.setenv("RECRANKER_RANK__SHARD_SIZE", "50")
     monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "30")
+    # The hybrid ablation re-ranks with the LLM whatever the adapter's guard decided (mode
+    # `fused`, the default, is tested in test_fused_serving.py).
+    monkeypatch.setenv("RECRANKER_RANK__MODE", "hybrid")
     run = batch_rank_flow()
     assert run["previous"] == base_run["run_id"] and run["status"] == "published"
     from recranker_core import registry
@@ -102,11 +105,23 @@ def test_rank_publish_switch_and_evaluate(
 
     result = evaluate_ranker_flow(None, 60)
     table = result["table"]
-    assert set(table) >= {"base", "pointwise", "pairwise", "listwise", "hybrid"}
-    for mode in ("base", "pointwise", "pairwise", "listwise", "hybrid"):
+    methods = ("base", "pointwise", "pairwise", "listwise", "hybrid", "hybrid_tuned")
+    methods += ("fused", "published")
+    assert set(table) >= {*methods, "guard", "diff_ci", "slices", "weights"}
+    for mode in methods:
         assert set(table[mode]) == {"valid", "test"}
         # Re-rankers only re-order the base top-N: HR@10 is the same for every method.
         assert table[mode]["test"]["hr@10"] == table["base"]["test"]["hr@10"]
+    guard = table["guard"]
+    assert guard["served"] in ("fused", "base") and guard["n_users"] == 60
+    published = "fused" if guard["served"] == "fused" else "base"
+    assert table["published"]["test"] == table[published]["test"]
+    lo, hi = table["diff_ci"]["fused"]["test"]["ndcg@3"]
+    diff = table["fused"]["test"]["ndcg@3"] - table["base"]["test"]["ndcg@3"]
+    assert lo - 1e-9 <= diff <= hi + 1e-9
+    likes = table["slices"]["train_likes"]
+    assert sum(s["users"] for s in likes.values()) == 60
+    assert "60 of" in result["sample"]  # a sample says so
     report = Path(result["report"])
     assert report.exists() and "<svg" in report.read_text()
     with psycopg.connect(url) as conn:
@@ -115,4 +130,5 @@ def test_rank_publish_switch_and_evaluate(
             (result["evaluation_id"],),
         ).fetchone()
     assert stored is not None and stored[0]["hybrid"]["test"] == table["hybrid"]["test"]
+    assert stored[0]["guard"] == guard and stored[0]["diff_ci"] == table["diff_ci"]
     assert stored[1]["template"] == "rr-2"  # the wording the adapter was scored with

@@ -60,6 +60,8 @@ def test_dask_runner_publishes_the_same_run_and_survives_a_killed_worker(
     tune_promoted(max_steps=1)
     monkeypatch.setenv("RECRANKER_RANK__SHARD_SIZE", "20")
     monkeypatch.setenv("RECRANKER_RANK__LLM_MAX_USERS", "24")
+    # The hybrid re-ranks whatever the adapter's guard decided: the LLM runs on the workers.
+    monkeypatch.setenv("RECRANKER_RANK__MODE", "hybrid")
 
     threads = batch_rank_flow(publish=False)
     assert threads["llm_users"] == 24 and threads["status"] == "complete"

@@ -163,12 +163,14 @@ def test_failed_stage_stops_the_chain_and_keeps_the_published_run(
 
 def test_parameter_models_mirror_the_core() -> None:
     """The pydantic Literals offered in the UI name exactly what the core accepts."""
-    from flows.params import BaseKind, EvalTarget, NightlyParams
+    from flows.params import BaseKind, EvalTarget, NightlyParams, RankMode
     from recranker_core.base.train import KINDS
+    from recranker_core.ranker.batch import SERVING_MODES
     from recranker_core.ranker.evaluate import TARGETS
 
     assert set(get_args(BaseKind)) == set(KINDS)
     assert set(get_args(EvalTarget)) == set(TARGETS)
+    assert set(get_args(RankMode)) == set(SERVING_MODES)
     with pytest.raises(ValueError, match="kinds"):
         NightlyParams(kinds=["nope"])
     with pytest.raises(ValueError, match="sourse"):

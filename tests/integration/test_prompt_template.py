@@ -36,6 +36,7 @@ def test_an_adapter_keeps_its_prompt_template(
         sft_start_adapter(url, "rr-2")
 
     monkeypatch.delenv("RECRANKER_PROMPTS__TEMPLATE")
+    monkeypatch.setenv("RECRANKER_RANK__MODE", "hybrid")  # the LLM scores whatever the guard says
     settings = load_settings()
     assert settings.prompts.template == "rr-3"
     store = store_for(settings)
