@@ -44,9 +44,8 @@ class CappedModel(torch.nn.Module):
 
 
 def test_unscorable_users_fall_back_and_failed_groups_are_split(
-    tiny_pipeline: dict[str, object], monkeypatch: pytest.MonkeyPatch
+    tiny_pipeline: dict[str, object], tune_promoted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.tune_ranker import tune_ranker_flow
     from recranker_core.base.candidates import active_users, data_watermark, load_champion
     from recranker_core.config import load_settings
     from recranker_core.ranker.batch import cache_root, load_ranker, rank_shard
@@ -54,7 +53,7 @@ def test_unscorable_users_fall_back_and_failed_groups_are_split(
     from tasks.common import store_for
 
     url = str(tiny_pipeline["database_url"])
-    tune_ranker_flow(max_steps=1)
+    tune_promoted(max_steps=1)
     monkeypatch.setenv("RECRANKER_RANK__USERS_PER_BATCH", "4")
     # Mode hybrid re-ranks with the LLM whatever the adapter's guard decided (`fused` could
     # serve the base order and never call the model).

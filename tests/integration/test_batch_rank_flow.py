@@ -24,11 +24,14 @@ def current_rows(url: str) -> list[tuple[str, str, int, str, str]]:
 
 
 def test_rank_publish_switch_and_evaluate(
-    s3_settings: Settings, tiny_pipeline: dict[str, object], prefect_api: str, monkeypatch
+    s3_settings: Settings,
+    tiny_pipeline: dict[str, object],
+    prefect_api: str,
+    tune_promoted,
+    monkeypatch,
 ):
     from flows.batch_rank import batch_rank_flow
     from flows.evaluate_ranker import evaluate_ranker_flow
-    from flows.tune_ranker import tune_ranker_flow
 
     url = str(tiny_pipeline["database_url"])
     # No adapter yet: the run publishes the base model's lists, every row source 'base'.
@@ -37,7 +40,7 @@ def test_rank_publish_switch_and_evaluate(
     assert {r[0] for r in rows} == {base_run["run_id"]} and {r[4] for r in rows} == {"base"}
     assert base_run["llm_users"] == 0 and base_run["base_users"] == base_run["users"]
 
-    tune_ranker_flow(max_steps=4)
+    tune_promoted(max_steps=4)
     # A user who arrived after the base model's watermark: cold, served the popular items.
     with psycopg.connect(url) as conn:
         conn.execute(
