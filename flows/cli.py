@@ -547,6 +547,10 @@ def evaluate(
             "RECRANKER_RANK__EVAL_MAX_USERS, unset: every evaluable user."
         ),
     ] = None,
+    adapter: Annotated[
+        int | None,
+        typer.Option(help="Evaluate this adapter (e.g. a candidate) instead of the champion."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
     """HR/NDCG@3/5/10 of the base model, each task, the hybrid, the fused ranking and the
@@ -555,7 +559,7 @@ def evaluate(
     report (the `evaluate-ranker` flow)."""
     from flows.evaluate_ranker import evaluate_ranker_flow
 
-    result = evaluate_ranker_flow(None, max_users)
+    result = evaluate_ranker_flow(None, max_users, adapter_id=adapter)
     if as_json:
         _echo_json(result["table"])
         return
@@ -682,8 +686,6 @@ def show_settings(
 
 DEMO_RANK_DEFAULTS = {
     "RECRANKER_RANK__LLM_MAX_USERS": "60",
-    "RECRANKER_RANK__EVAL_MAX_USERS": "300",
-    "RECRANKER_PROMPTS__HISTORY_MAX": "8",
 }
 
 
@@ -763,8 +765,12 @@ def demo() -> None:
     )
     from flows.evaluate_ranker import evaluate_ranker_flow
 
-    typer.echo("\nevaluating (docs/METHOD.md table):")
-    result = evaluate_ranker_flow()
+    # The adapter just tuned, promoted or not: what it would add is the demo's question.
+    typer.echo(
+        f"\nevaluating adapter {tuned['adapter_id']} on every evaluable user (docs/METHOD.md "
+        "table; only users whose held-out item is a candidate are scored by the LLM):"
+    )
+    result = evaluate_ranker_flow(adapter_id=int(tuned["adapter_id"]))
     _print_evaluation(result)
     typer.echo(
         "sample query (as any role in recranker_reader):\n"

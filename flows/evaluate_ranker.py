@@ -17,11 +17,15 @@ from tasks.tuning import load_base_task
 
 @flow(name="evaluate-ranker")
 def evaluate_ranker_flow(
-    targets: list[str] | None = None, max_users: int | None = None, step: float = 0.1
+    targets: list[str] | None = None,
+    max_users: int | None = None,
+    step: float = 0.1,
+    adapter_id: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate on `targets` (default validation and test); `max_users` caps the evaluable
     users (a seeded random subset; default RECRANKER_RANK__EVAL_MAX_USERS: unset, all of
-    them); `step` is the grid step of the weights chosen on validation users."""
+    them); `step` is the grid step of the weights chosen on validation users; `adapter_id`
+    evaluates that adapter (a candidate the gate rejected, say) instead of the champion."""
     from recranker_core.errors import ConfigError
     from recranker_core.ranker.evaluate import TARGETS, evaluate
     from recranker_core.ranker.prompts import Catalog
@@ -41,9 +45,12 @@ def evaluate_ranker_flow(
         raise ConfigError(f"targets must be among {TARGETS}, not {targets}")
     database_url = resolve_database(settings)
     ctx = load_base_task(database_url, settings)
-    ranker = load_ranker_task(database_url, settings)
+    ranker = load_ranker_task(database_url, settings, adapter_id)
     if ranker is None:
-        raise ConfigError("no champion adapter to evaluate: run `recranker tune` first")
+        raise ConfigError(
+            "no champion adapter to evaluate: run `recranker tune` first, or name an adapter "
+            "(`recranker eval --adapter ID`)"
+        )
     settings = ranker.settings_for(settings)
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)
     hints = BaseHints(ctx)

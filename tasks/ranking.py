@@ -44,10 +44,15 @@ def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_transient,
 )
-def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
+def load_ranker_task(
+    database_url: str, settings: Settings, adapter_id: int | None = None
+) -> Ranker | None:
+    """The champion adapter (or adapter `adapter_id`, champion or not) on the backbone."""
+    from recranker_core import registry
     from recranker_core.ranker.batch import load_ranker
 
-    ranker = load_ranker(database_url, store_for(settings), settings)
+    record = None if adapter_id is None else registry.get_adapter(database_url, adapter_id)
+    ranker = load_ranker(database_url, store_for(settings), settings, record)
     if ranker is None:
         get_run_logger().warning("no champion adapter: this run publishes base rankings only")
     else:
