@@ -745,9 +745,9 @@ def demo() -> None:
         typer.echo(f"warning: {tuned['note']}")
     adapters_list(limit=3, as_json=False)
 
-    # The demo's ranking budget on CPU: the LLM re-ranks the most active users, the others get
-    # the base ranking (source 'base'); the evaluation reads a random subset of users. An
-    # operator's own settings win over these.
+    # The demo's ranking budget on CPU: when the guard serves the fusion, the LLM re-ranks the
+    # most active users and the others get the base ranking (source 'base'). An operator's own
+    # settings win over these.
     for key, value in DEMO_RANK_DEFAULTS.items():
         os.environ.setdefault(key, value)
     typer.echo(
