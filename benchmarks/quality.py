@@ -153,6 +153,7 @@ def evaluate_adapter(
         settings,
         ("valid", "test"),
         max_users=max_users,
+        stored=record.fusion,
     )
     return {"evaluation": report.as_json(), "counts": report.counts, "seconds": report.seconds}
 

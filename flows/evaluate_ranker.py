@@ -65,6 +65,7 @@ def evaluate_ranker_flow(
         targets,
         max_users=limit,
         step=step,
+        stored=ranker.adapter.fusion,
     )
     context = {
         "base model": f"{ctx.model_id} ({ctx.kind})",

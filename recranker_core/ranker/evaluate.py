@@ -102,13 +102,17 @@ class EvalReport:
     counts: dict[str, dict[str, int]]
     positions: dict[str, list[tuple[int, int]]]  # test: (base position, hybrid position) per hit
     seconds: dict[str, float]
-    guard: GuardDecision | None = None  # measured on the validation users
+    # What decides `published`: the adapter's stored decision (what a `fused` run serves) when
+    # given, else the one measured here on the validation users.
+    guard: GuardDecision | None = None
     # method -> target -> metric -> [lo, hi] of the paired-bootstrap 95% interval of the
     # per-user difference method - base, over all evaluable users (misses 0 for both).
     diff_ci: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     # slice kind -> slice -> {"users": n, "methods": {method: {"ndcg@3", "diff", "ci"}}}
     slices: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     sample: str | None = None  # says so when the users are a sample, not all of them
+    # The guard measured here on the validation users (also when the stored one decides).
+    guard_evaluation: GuardDecision | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The methods' rows at the top level (as stored before: `metrics->'hybrid'->'test'`
@@ -116,6 +120,8 @@ class EvalReport:
         out: dict[str, Any] = {mode: self.table[mode] for mode in self.table}
         if self.guard is not None:
             out["guard"] = self.guard.as_json()
+        if self.guard_evaluation is not None and self.guard_evaluation is not self.guard:
+            out["guard_evaluation"] = self.guard_evaluation.as_json()
         out["diff_ci"] = self.diff_ci
         out["slices"] = self.slices
         out["weights"] = self.weights
@@ -318,11 +324,13 @@ def build_report(
     tune_step: float = 0.1,
     seed: int = 0,
     n_boot: int = 1000,
+    stored: GuardDecision | None = None,
 ) -> EvalReport:
     """The docs/METHOD.md table from scored targets. `hybrid` uses the configured weights;
     `hybrid_tuned` the weights with the best validation NDCG@10; `fused` the four weights with
-    the best validation NDCG@3; `published` what the guard serves (the fused order when
-    `cross_fit_guard` on the validation users says so, else the base order). The last three
+    the best validation NDCG@3; `published` what the guard serves: with `stored` (the adapter's
+    decision, what a `fused` batch-ranking run serves) its order, else the fused order when
+    `cross_fit_guard` on the validation users says so, else the base order. The last three
     need a 'valid' target."""
     by_target = {t.target: t for t in targets}
     weights: dict[str, dict[str, float]] = {"configured": configured.as_dict()}
@@ -347,6 +355,10 @@ def build_report(
         methods["hybrid_tuned"] = _task_orderer("hybrid", tuned)
         methods["fused"] = _fused_orderer(guard.weights)
         methods["published"] = _fused_orderer(guard.weights) if guard.served == "fused" else None
+    measured = guard
+    if stored is not None:
+        guard = stored
+        methods["published"] = _fused_orderer(stored.weights) if stored.served == "fused" else None
     table: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
     diff_ci: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in methods if m != "base"}
     ranks: dict[str, dict[str, npt.NDArray[np.int64]]] = {m: {} for m in methods}
@@ -411,7 +423,16 @@ def build_report(
         else None
     )
     return EvalReport(
-        table, weights, counts, positions, seconds, guard, diff_ci, slices, sample=sample
+        table,
+        weights,
+        counts,
+        positions,
+        seconds,
+        guard,
+        diff_ci,
+        slices,
+        sample=sample,
+        guard_evaluation=measured,
     )
 
 
@@ -426,6 +447,7 @@ def evaluate(
     *,
     max_users: int | None = None,
     step: float = 0.1,
+    stored: GuardDecision | None = None,
 ) -> tuple[EvalReport, list[TargetScores]]:
     """Score every target and build the table with the configured hybrid weights (and, with a
     validation target, the weights tuned on it, the fused weights and the guard's decision)."""
@@ -439,5 +461,6 @@ def evaluate(
         settings.retrain.candidates,
         tune_step=step,
         seed=settings.tune.seed,
+        stored=stored,
     )
     return report, scored

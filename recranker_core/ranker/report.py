@@ -65,7 +65,16 @@ def guard_line(report: EvalReport) -> str:
     if report.guard is None:
         return "guard: not measured (needs the validation target)"
     g = report.guard
-    return f"guard: serves {g.served.upper()}: {g.reason}; weights {g.weights.label()}"
+    line = f"guard: serves {g.served.upper()}: {g.reason}; weights {g.weights.label()}"
+    measured = report.guard_evaluation
+    if measured is not None and measured is not g:
+        line = (
+            f"guard (stored with the adapter, what a fused run serves): serves "
+            f"{g.served.upper()}: {g.reason}; weights {g.weights.label()}\n"
+            f"guard measured here on all validation users (not served; includes the users "
+            f"that chose the tuning step): {measured.served}: {measured.reason}"
+        )
+    return line
 
 
 def save_evaluation(

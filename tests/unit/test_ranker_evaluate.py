@@ -270,3 +270,33 @@ def test_recranker_eval_prints_the_guard_the_rows_and_the_intervals(capsys):
     assert "train_likes <=10" in out and "report: /tmp/r.html" in out
     assert _served(report.guard.as_json()).startswith("fused +")
     assert _served(None) == "-" and _served({"served": "base"}) == "base"
+
+
+def test_published_follows_the_decision_stored_with_the_adapter():
+    """What a `fused` run serves is the adapter's stored decision: a stored "base" publishes
+    the base order even where the evaluation's own guard would serve the fusion, and a stored
+    "fused" publishes its own weights."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(11)
+    valid, _, _ = synthetic_target("valid", rng)
+    test, _, _ = synthetic_target("test", rng)
+    measured = build_report([valid, test], Weights(), 6, tune_step=0.25, n_boot=200)
+    assert measured.guard is not None and measured.guard.served == "fused"
+    stored_base = replace(measured.guard, served="base", reason="stored: base")
+    report = build_report(
+        [valid, test], Weights(), 6, tune_step=0.25, n_boot=200, stored=stored_base
+    )
+    assert report.table["published"] == report.table["base"]
+    assert report.table["fused"] == measured.table["fused"]
+    as_json = report.as_json()
+    assert as_json["guard"]["served"] == "base"
+    assert as_json["guard_evaluation"]["served"] == "fused"
+    listwise_only = FusedWeights(0.0, 0.0, 0.0, 1.0)
+    stored_fused = replace(measured.guard, served="fused", weights=listwise_only)
+    report = build_report(
+        [valid, test], Weights(), 6, tune_step=0.25, n_boot=200, stored=stored_fused
+    )
+    assert report.table["published"]["test"] == pytest.approx(
+        build_report([valid, test], Weights(), 6, n_boot=50).table["listwise"]["test"]
+    )
