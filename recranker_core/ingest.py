@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ class IngestResult:
     rows_quarantined: int = 0
     items_upserted: int = 0
     users_upserted: int = 0
+    trailing_blank_lines: int = 0  # blank lines at the end of the file: not records, not counted
     error: str | None = None
     reasons: dict[str, int] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -132,7 +134,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
         names = _StagingNames.new()
         try:
             try:
-                cols = _stage(conn, src, names)
+                cols = _stage(conn, src, names, result)
                 timer.lap(result, "stage")
                 items, users = _stage_catalogue(conn, src, names)
                 # Row estimates for the classification's joins (hash, not sort-merge).
@@ -274,20 +276,96 @@ def _count(conn: psycopg.Connection, table: str) -> int:
 # Staging
 
 
+def _one_line_per_record(src: SourceFile) -> bool:
+    """MovieLens atomic files and TSV have no quoting: a physical line is a record, and a `"` is
+    an ordinary character. CSV follows RFC 4180 (quoted fields may hold delimiters and line
+    breaks)."""
+    return src.fmt == "movielens" or src.delimiter == "\t"
+
+
+def _split_line(text: str, delimiter: str, by_line: bool) -> list[str]:
+    if by_line:
+        return text.split(delimiter)
+    return next(csv.reader([text], delimiter=delimiter, strict=True))
+
+
+def _strip_eol(raw: bytes) -> bytes:
+    """The line without its terminator (LF or CRLF); any other CR is part of the line."""
+    return raw.removesuffix(b"\n").removesuffix(b"\r")
+
+
 def _read_header(src: SourceFile) -> Header:
     with src.path.open("rb") as fh:
         first = fh.readline()
     if not first:
         raise DataError(f"{src.path}: the file is empty")
     try:
-        text = first.decode("utf-8-sig").rstrip("\r\n")
+        text = _strip_eol(first).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{src.path}, line 1: the header is not UTF-8 ({exc.reason})") from exc
     try:
-        columns = next(csv.reader([text], delimiter=src.delimiter, strict=True))
+        columns = _split_line(text, src.delimiter, _one_line_per_record(src))
     except (csv.Error, StopIteration) as exc:
         raise DataError(f"{src.path}, line 1: the header is not valid CSV ({exc})") from exc
     return map_header(columns, str(src.path))
+
+
+# COPY's CSV mode with a quote character no accepted file holds: every line is one record and
+# `"` is data. (Text mode would not do: it reads backslashes as escapes, so `\N` would become
+# NULL and `a\tb` a tab.) A file holding this byte is read line by line instead.
+_NO_QUOTE = "\x01"
+_BLANK = b" \t\r\n\x0b\x0c"
+# A line that is only `\.` ends COPY's data in CSV mode (PostgreSQL before 18) and the rest of
+# the file would be dropped without a word: such a file is read line by line.
+_END_OF_DATA = re.compile(rb"\n\\\.\r?\n")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a pass over the bytes tells before staging: where the data ends (trailing blank lines
+    are not records), how many physical lines it has after the header, and whether COPY can be
+    trusted with it."""
+
+    data_end: int
+    data_lines: int
+    trailing_blank_lines: int
+    has_no_quote_byte: bool
+    has_end_of_data_line: bool
+
+
+def _scan(path: Path, chunk: int = 8 << 20) -> _Layout:
+    header_end: int | None = None
+    last_content = 0  # offset just after the last byte that is not blank
+    newlines = 0
+    no_quote = end_of_data = False
+    carry = b"\n"
+    offset = 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            if header_end is None and (nl := block.find(b"\n")) >= 0:
+                header_end = offset + nl + 1
+            content = block.rstrip(_BLANK)
+            if content:
+                last_content = offset + len(content)
+            newlines += block.count(b"\n")
+            no_quote = no_quote or _NO_QUOTE.encode() in block
+            end_of_data = end_of_data or bool(_END_OF_DATA.search(carry + block))
+            carry = (carry + block)[-4:]
+            offset += len(block)
+        end_of_data = end_of_data or bool(_END_OF_DATA.search(carry + b"\n"))
+        if header_end is None or last_content <= header_end:
+            return _Layout(header_end or offset, 0, 0, no_quote, end_of_data)
+        # The data ends with the line break that follows its last non-blank byte; what comes
+        # after it is blank lines.
+        fh.seek(last_content)
+        tail = fh.read()
+    nl = tail.find(b"\n")
+    if nl < 0:  # the last line has no line break
+        return _Layout(offset, newlines, 0, no_quote, end_of_data)
+    blank = tail[nl + 1 :]
+    blank_lines = blank.count(b"\n") + (1 if blank and not blank.endswith(b"\n") else 0)
+    data_lines = newlines - 1 - blank.count(b"\n")
+    return _Layout(last_content + nl + 1, data_lines, blank_lines, no_quote, end_of_data)
 
 
 def _staged_columns(header: Header, delimiter: str) -> StagedColumns:
@@ -314,31 +392,56 @@ def _staging_columns(ncols: int, first_line: int) -> sql.Composable:
     )
 
 
-def _stage(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> StagedColumns:
+class _ReadByLine(Exception):
+    """COPY's reading of the file cannot be trusted; the line-by-line reader takes over."""
+
+
+def _stage(
+    conn: psycopg.Connection, src: SourceFile, names: _StagingNames, result: IngestResult
+) -> StagedColumns:
     """COPY the file into a text staging table; lines COPY cannot take go through a slower
     line-by-line reader that keeps each bad line with its reason."""
     if src.fmt == "parquet":
         return _stage_parquet(conn, src, names)
     header = _read_header(src)
     cols = _staged_columns(header, src.delimiter)
+    by_line = _one_line_per_record(src)
+    layout = _scan(src.path)
+    result.trailing_blank_lines = layout.trailing_blank_lines
+    if layout.trailing_blank_lines:
+        log.info(
+            "%s: %d blank line(s) at the end of the file are not records",
+            src.path,
+            layout.trailing_blank_lines,
+        )
+    options = [sql.SQL("FORMAT csv, HEADER true, DELIMITER {}").format(sql.Literal(src.delimiter))]
+    if by_line:
+        options.append(sql.SQL("QUOTE {}").format(sql.Literal(_NO_QUOTE)))
     target = sql.SQL("{} ({})").format(
         _StagingNames.ident(names.staging),
         sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(cols.count)),
     )
     try:
+        if layout.has_end_of_data_line:
+            raise _ReadByLine("a line holds only \\., which COPY would take as the end")
+        if by_line and layout.has_no_quote_byte:
+            raise _ReadByLine("the file holds the byte 0x01")
         with conn.transaction():
             _create_table(conn, names.staging, _staging_columns(cols.count, 2))
             with (
                 conn.cursor() as cur,
                 cur.copy(
-                    sql.SQL("COPY {} FROM STDIN (FORMAT csv, HEADER true, DELIMITER {})").format(
-                        target, sql.Literal(src.delimiter)
-                    )
+                    sql.SQL("COPY {} FROM STDIN ({})").format(target, sql.SQL(", ").join(options))
                 ) as copy,
                 src.path.open("rb") as fh,
             ):
-                while block := fh.read(_COPY_CHUNK):
+                left = layout.data_end
+                while left > 0 and (block := fh.read(min(_COPY_CHUNK, left))):
                     copy.write(block)
+                    left -= len(block)
+            if by_line and (staged := _count(conn, names.staging)) != layout.data_lines:
+                # One record per line is the contract of these formats; never trust less.
+                raise _ReadByLine(f"COPY read {staged:,} records from {layout.data_lines:,} lines")
         return cols
     except psycopg.errors.DataError as exc:
         log.info(
@@ -346,14 +449,21 @@ def _stage(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> S
             src.path,
             str(exc).splitlines()[0],
         )
+    except _ReadByLine as exc:
+        log.info("%s: %s; reading it line by line", src.path, exc)
     with conn.transaction():
         _create_table(conn, names.staging, _staging_columns(cols.count, 2))
-        _stage_line_by_line(conn, src, names, cols.count)
+        _stage_line_by_line(conn, src, names, cols.count, by_line, layout.data_end)
     return cols
 
 
 def _stage_line_by_line(
-    conn: psycopg.Connection, src: SourceFile, names: _StagingNames, ncols: int
+    conn: psycopg.Connection,
+    src: SourceFile,
+    names: _StagingNames,
+    ncols: int,
+    by_line: bool,
+    data_end: int,
 ) -> None:
     columns = sql.SQL(", ").join(
         [sql.Identifier("line")]
@@ -367,7 +477,9 @@ def _stage_line_by_line(
             sql.SQL("COPY {} ({}) FROM STDIN").format(_StagingNames.ident(names.staging), columns)
         ) as copy,
     ):
-        for line_no, fields, error, raw in _read_lines(src.path, src.delimiter, ncols):
+        for line_no, fields, error, raw in _read_lines(
+            src.path, src.delimiter, ncols, by_line, data_end
+        ):
             if error is None:
                 copy.write_row((line_no, *fields, None, None))
             else:
@@ -375,13 +487,18 @@ def _stage_line_by_line(
 
 
 def _read_lines(
-    path: Path, delimiter: str, ncols: int
+    path: Path, delimiter: str, ncols: int, by_line: bool, data_end: int
 ) -> Iterator[tuple[int, list[str], str | None, str | None]]:
-    """(line, fields, error, raw) for every physical line after the header."""
+    """(line, fields, error, raw) for every physical line after the header, up to `data_end`
+    (the trailing blank lines are not records). With `by_line` a line is split at every
+    delimiter (no quoting); otherwise as one CSV record."""
     with path.open("rb") as fh:
-        fh.readline()
+        offset = len(fh.readline())
         for line_no, raw_line in enumerate(fh, start=2):
-            stripped = raw_line.rstrip(b"\r\n")
+            if offset >= data_end:
+                break
+            offset += len(raw_line)
+            stripped = _strip_eol(raw_line)
             try:
                 text = stripped.decode("utf-8")
             except UnicodeDecodeError:
@@ -394,7 +511,7 @@ def _read_lines(
                 yield line_no, [], "empty_line", text
                 continue
             try:
-                fields = next(csv.reader([text], delimiter=delimiter, strict=True))
+                fields = _split_line(text, delimiter, by_line)
             except csv.Error:
                 yield line_no, [], "malformed_csv", text
                 continue
