@@ -31,6 +31,7 @@ from recranker_core.datasets.sources import (
 )
 from recranker_core.db.connect import connect
 from recranker_core.errors import DataError, ValidationFailed
+from recranker_core.interrupts import stop_reason
 from recranker_core.validation.rules import StagedColumns, classify_sql, resolve_repeats_sql
 from recranker_core.validation.suite import ExpectationOutcome, validate_staged, validate_table
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 STAGING_SCHEMA = "recranker_staging"
 _COPY_CHUNK = 1 << 20
 _LEDGER_LOCK = 7_310_002
+# The steps of an ingest, as IngestResult.seconds names them when each is done.
+_STAGES = ("hash", "stage", "classify", "validate", "merge", "validate_table")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class IngestResult:
     file_name: str
     content_hash: str
     format: str
-    status: str  # merged | rejected | already_ingested
+    status: str  # merged | rejected | cancelled | already_ingested
     batch_id: int | None = None
     rows_read: int = 0
     rows_merged: int = 0
@@ -108,18 +111,36 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
 
     Returns the ledger outcome (merged or already_ingested). A batch over the failure budget or a
     file that cannot be read is recorded as rejected and raised as ValidationFailed, whose second
-    argument is the IngestResult.
+    argument is the IngestResult. A stop (SIGINT, SIGTERM: see recranker_core.interrupts) rolls
+    back what is in progress, records the batch as cancelled (unless its merge had committed
+    already) and is raised again.
     """
     started = datetime.now(UTC)
-    timer = _Timer()
-    content_hash = sha256_file(src.path)
     result = IngestResult(
         source=src.source,
         file_name=src.path.name,
-        content_hash=content_hash,
+        content_hash="",
         format=src.fmt,
         status="merged",
     )
+    try:
+        return _ingest_file(src, settings, database_url, result, started)
+    except BaseException as exc:
+        reason = stop_reason(exc)
+        if reason is not None and result.content_hash:
+            _record_cancellation(database_url, result, started, reason)
+        raise
+
+
+def _ingest_file(
+    src: SourceFile,
+    settings: Settings,
+    database_url: str,
+    result: IngestResult,
+    started: datetime,
+) -> IngestResult:
+    timer = _Timer()
+    result.content_hash = content_hash = sha256_file(src.path)
     timer.lap(result, "hash")
     with connect(database_url, autocommit=True, application_name="recranker-ingest") as conn:
         conn.execute("SET TIME ZONE 'UTC'")
@@ -164,7 +185,13 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
             timer.lap(result, "validate")
             _merge(conn, result, names, cols, bool(items), bool(users), settings, started, outcomes)
             timer.lap(result, "merge")
+        except BaseException as exc:
+            if stop_reason(exc) is not None:
+                _settle(conn)
+            raise
         finally:
+            # Never let the clean-up hide what is propagating (a stop, above all): a table that
+            # cannot be dropped now is swept by the next ingest.
             _drop_staging(conn, names)
     if result.status == "already_ingested":
         return result
@@ -261,8 +288,80 @@ def _mark_owner(conn: psycopg.Connection, name: str) -> None:
 
 
 def _drop_staging(conn: psycopg.Connection, names: _StagingNames) -> None:
-    for name in names.all():
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
+    if conn.closed:
+        return  # the session is gone, so are its tables' owner: the next sweep drops them
+    try:
+        for name in names.all():
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
+    except psycopg.Error as exc:
+        log.warning("staging tables %s left for the next ingest to sweep: %s", names.all(), exc)
+
+
+def _settle(conn: psycopg.Connection) -> None:
+    """After a stop: leave nothing of this session running on the server. psycopg cancels the
+    statement it was waiting for and the transaction blocks roll back; a stop that landed
+    between psycopg's steps can leave a statement running, which is cancelled here and the
+    connection closed (the server then rolls back whatever it had)."""
+    from psycopg.pq import TransactionStatus
+
+    if conn.closed or conn.info.transaction_status == TransactionStatus.IDLE:
+        return
+    try:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            conn.rollback()
+            return
+        conn.cancel_safe(timeout=5.0)
+    except psycopg.Error as exc:
+        log.warning("could not end the interrupted statement cleanly (%s); closing", exc)
+    conn.close()
+
+
+def _record_cancellation(
+    database_url: str, result: IngestResult, started: datetime, reason: str
+) -> None:
+    """Record a stopped ingest as a cancelled batch (nothing merged, counts zero), unless its
+    merge committed before the stop: then the ledger already says what happened."""
+    stage = next((s for s in _STAGES if s not in result.seconds), "validate_table")
+    try:
+        with (
+            connect(database_url, application_name="recranker-ingest") as conn,
+            conn.transaction(),
+        ):
+            conn.execute("SET LOCAL lock_timeout = '30s'")
+            # Serialises with any merge still finishing (its transaction holds this lock).
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LEDGER_LOCK,))
+            merged = _merged_batch(conn, result.content_hash)
+            recorded = (
+                result.batch_id is not None
+                and conn.execute(
+                    "SELECT 1 FROM recranker.ingest_batches WHERE batch_id = %s", (result.batch_id,)
+                ).fetchone()
+            )
+            if merged is not None or recorded:
+                log.warning(
+                    "%s: %s after batch %s was recorded as %s; the ledger has it",
+                    result.source,
+                    reason,
+                    merged[0] if merged else result.batch_id,
+                    "merged" if merged else result.status,
+                )
+                return
+            result.status = "cancelled"
+            result.rows_read = result.rows_merged = result.rows_duplicate = 0
+            result.rows_quarantined = result.items_upserted = result.users_upserted = 0
+            result.error = (
+                f"{result.file_name}: {reason} during {stage}; nothing of the file was merged. "
+                "Run the ingest again to load it."
+            )
+            result.batch_id = _insert_ledger(conn, result, started)
+            conn.execute(
+                "UPDATE recranker.ingest_batches SET error = %s WHERE batch_id = %s",
+                (result.error, result.batch_id),
+            )
+    except psycopg.Error as exc:
+        log.error("%s: %s; could not record the cancelled batch: %s", result.source, reason, exc)
+        return
+    log.warning(result.summary())
 
 
 def _count(conn: psycopg.Connection, table: str) -> int:
