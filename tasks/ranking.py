@@ -14,15 +14,13 @@ from recranker_core.base.candidates import ChampionScorer
 from recranker_core.config import Settings
 from recranker_core.ranker.batch import Ranker
 from recranker_core.registry import AdapterRecord
-from tasks.common import retry_transient, store_for
+from tasks.common import TRANSIENT_RETRIES, store_for
 
 
 @task(
     name="load-champion",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
     from recranker_core.base.candidates import load_champion
@@ -41,9 +39,7 @@ def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
 @task(
     name="load-ranker",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
     from recranker_core.ranker.batch import load_ranker
@@ -61,9 +57,7 @@ def load_ranker_task(database_url: str, settings: Settings) -> Ranker | None:
 @task(
     name="serving-adapter",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def serving_adapter_task(database_url: str, settings: Settings) -> AdapterRecord | None:
     """The adapter a batch-ranking run serves: the champion adapter, or None (a base-only run)
@@ -84,8 +78,7 @@ def serving_adapter_task(database_url: str, settings: Settings) -> AdapterRecord
 @task(
     name="rank-shard",
     cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=5,
+    **TRANSIENT_RETRIES,
     task_run_name="shard {shard}",
 )
 def rank_shard_task(
@@ -105,9 +98,11 @@ def rank_shard_task(
     (fetched from S3 and verified once per process), the users' data from PostgreSQL."""
     import time
 
+    from recranker_core.interrupts import check_stop
     from recranker_core.ranker.batch import rank_shard, serving_models
     from recranker_core.ranker.publish import write_shard
 
+    check_stop()
     started = time.perf_counter()
     models = serving_models(database_url, store_for(settings), settings, model_id, adapter_id)
     result = rank_shard(
@@ -122,6 +117,7 @@ def rank_shard_task(
         popular=popular,
     )
     seconds = time.perf_counter() - started
+    check_stop()  # a stopped run writes no more shards
     written = write_shard(
         database_url,
         run_id,
@@ -131,6 +127,12 @@ def rank_shard_task(
         llm_users=result.llm_users,
         base_users=result.base_users,
         seconds=seconds,
+        counts={
+            "cold_users": result.cold_users,
+            "llm_failures": result.llm_failures,
+            "llm_retries": result.llm_retries,
+            "prompt_tokens": result.prompt_tokens,
+        },
     )
     return {
         "shard": shard,
