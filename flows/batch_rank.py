@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from recranker_core.config import load_settings
+from recranker_core.interrupts import stop_on_signals, stop_reason
 from tasks.common import resolve_database
 from tasks.ranking import (
     load_champion_task,
@@ -20,12 +21,33 @@ from tasks.ranking import (
 )
 from tasks.runner import task_runner
 
+# The run's counts in its summary (users and rows of every shard, resumed ones included).
+_COUNTS = (
+    "users",
+    "rows",
+    "llm_users",
+    "base_users",
+    "cold_users",
+    "llm_failures",
+    "llm_retries",
+    "prompt_tokens",
+)
+
 
 @flow(name="batch-rank")
 def batch_rank_flow(
     run_id: str | None = None, mode: str | None = None, publish: bool = True
 ) -> dict[str, Any]:
-    """Rank all active users; `run_id` of an unfinished run resumes it from its done shards."""
+    """Rank all active users; `run_id` of an unfinished run resumes it from its done shards.
+
+    SIGINT/SIGTERM stop it: shards in progress end at their next step, the run is marked
+    cancelled (resumable with its run id), nothing is published, and the process ends with
+    130/143."""
+    with stop_on_signals():
+        return _batch_rank(run_id, mode, publish)
+
+
+def _batch_rank(run_id: str | None, mode: str | None, publish: bool) -> dict[str, Any]:
     from recranker_core.base.candidates import active_users, data_watermark
     from recranker_core.ranker import publish as runs
     from recranker_core.ranker.batch import most_active_users, popular_items, shards_of
@@ -39,6 +61,8 @@ def batch_rank_flow(
     logger = get_run_logger()
     database_url = resolve_database(settings)
     with runs.batch_rank_lock(database_url):
+        # Holding the lock: a run still 'running' has lost its process (killed, machine gone).
+        runs.fail_abandoned_runs(database_url)
         champion = load_champion_task(database_url, settings)
         watermark = data_watermark(database_url)
         users = active_users(database_url, watermark, settings.rank.active_window_days)
@@ -121,36 +145,26 @@ def batch_rank_flow(
                         len(state.shards),
                         results[-1],
                     )
-            totals = {
-                key: sum(r[key] for r in results)
-                for key in (
-                    "users",
-                    "rows",
-                    "llm_users",
-                    "base_users",
-                    "cold_users",
-                    "llm_failures",
-                    "llm_retries",
-                    "prompt_tokens",
-                )
-            }
-            runs.finish_run(
+            # Counted in the database: a resumed run's shards written earlier count too.
+            counts = runs.finish_run(
                 database_url,
                 state.run_id,
-                counts=totals,
                 timings={"seconds": round(time.perf_counter() - started, 1)},
             )
             previous = runs.publish_run(database_url, state.run_id) if publish else None
             dropped = runs.drop_old_runs(database_url, settings.rank.retention_days)
         except BaseException as exc:
-            runs.fail_run(database_url, state.run_id, f"{type(exc).__name__}: {exc}")
+            stopped = stop_reason(exc)
+            if stopped is not None:
+                runs.cancel_run(database_url, state.run_id, stopped)
+            else:
+                runs.fail_run(database_url, state.run_id, f"{type(exc).__name__}: {exc}")
             raise
     summary = {
         "run_id": state.run_id,
         "status": "published" if publish else "complete",
         "previous": previous,
-        "users": len(users),
-        **{k: v for k, v in totals.items() if k != "users"},
+        **{k: counts.get(k, 0) for k in _COUNTS},
         # Shard-seconds summed over this run's shards (with N workers, wall time is less).
         "candidates_s": round(sum(r["candidates_s"] for r in results), 1),
         "llm_s": round(sum(r["llm_s"] for r in results), 1),

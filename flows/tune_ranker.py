@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from recranker_core.config import load_settings
+from recranker_core.interrupts import stop_on_signals
 from tasks.common import resolve_database
 from tasks.tuning import (
     build_dataset_task,
@@ -25,7 +26,18 @@ from tasks.tuning import (
 def tune_ranker_flow(
     objective: str | None = None, profile: str | None = None, max_steps: int | None = None
 ) -> dict[str, Any]:
-    """Tune a ranker adapter (objective and profile default to RECRANKER_TUNE__*)."""
+    """Tune a ranker adapter (objective and profile default to RECRANKER_TUNE__*).
+
+    SIGINT/SIGTERM stop it at once, without a retry: an adapter whose registration had not
+    committed is not registered, the last checkpoint stays for a resumed run, and the process
+    ends with 130/143."""
+    with stop_on_signals():
+        return _tune_ranker(objective, profile, max_steps)
+
+
+def _tune_ranker(
+    objective: str | None, profile: str | None, max_steps: int | None
+) -> dict[str, Any]:
     from recranker_core.ranker.tuning import effective_settings
 
     overrides: dict[str, Any] = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from recranker_core.datasets.sources import (
 )
 from recranker_core.db.connect import connect
 from recranker_core.errors import DataError, ValidationFailed
+from recranker_core.interrupts import stop_reason
 from recranker_core.validation.rules import StagedColumns, classify_sql, resolve_repeats_sql
 from recranker_core.validation.suite import ExpectationOutcome, validate_staged, validate_table
 
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 STAGING_SCHEMA = "recranker_staging"
 _COPY_CHUNK = 1 << 20
 _LEDGER_LOCK = 7_310_002
+# The steps of an ingest, as IngestResult.seconds names them when each is done.
+_STAGES = ("hash", "stage", "classify", "validate", "merge", "validate_table")
 
 
 @dataclass
@@ -48,7 +52,7 @@ class IngestResult:
     file_name: str
     content_hash: str
     format: str
-    status: str  # merged | rejected | already_ingested
+    status: str  # merged | rejected | cancelled | already_ingested
     batch_id: int | None = None
     rows_read: int = 0
     rows_merged: int = 0
@@ -56,6 +60,7 @@ class IngestResult:
     rows_quarantined: int = 0
     items_upserted: int = 0
     users_upserted: int = 0
+    trailing_blank_lines: int = 0  # blank lines at the end of the file: not records, not counted
     error: str | None = None
     reasons: dict[str, int] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -106,18 +111,36 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
 
     Returns the ledger outcome (merged or already_ingested). A batch over the failure budget or a
     file that cannot be read is recorded as rejected and raised as ValidationFailed, whose second
-    argument is the IngestResult.
+    argument is the IngestResult. A stop (SIGINT, SIGTERM: see recranker_core.interrupts) rolls
+    back what is in progress, records the batch as cancelled (unless its merge had committed
+    already) and is raised again.
     """
     started = datetime.now(UTC)
-    timer = _Timer()
-    content_hash = sha256_file(src.path)
     result = IngestResult(
         source=src.source,
         file_name=src.path.name,
-        content_hash=content_hash,
+        content_hash="",
         format=src.fmt,
         status="merged",
     )
+    try:
+        return _ingest_file(src, settings, database_url, result, started)
+    except BaseException as exc:
+        reason = stop_reason(exc)
+        if reason is not None and result.content_hash:
+            _record_cancellation(database_url, result, started, reason)
+        raise
+
+
+def _ingest_file(
+    src: SourceFile,
+    settings: Settings,
+    database_url: str,
+    result: IngestResult,
+    started: datetime,
+) -> IngestResult:
+    timer = _Timer()
+    result.content_hash = content_hash = sha256_file(src.path)
     timer.lap(result, "hash")
     with connect(database_url, autocommit=True, application_name="recranker-ingest") as conn:
         conn.execute("SET TIME ZONE 'UTC'")
@@ -132,7 +155,7 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
         names = _StagingNames.new()
         try:
             try:
-                cols = _stage(conn, src, names)
+                cols = _stage(conn, src, names, result)
                 timer.lap(result, "stage")
                 items, users = _stage_catalogue(conn, src, names)
                 # Row estimates for the classification's joins (hash, not sort-merge).
@@ -162,7 +185,13 @@ def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> Inges
             timer.lap(result, "validate")
             _merge(conn, result, names, cols, bool(items), bool(users), settings, started, outcomes)
             timer.lap(result, "merge")
+        except BaseException as exc:
+            if stop_reason(exc) is not None:
+                _settle(conn)
+            raise
         finally:
+            # Never let the clean-up hide what is propagating (a stop, above all): a table that
+            # cannot be dropped now is swept by the next ingest.
             _drop_staging(conn, names)
     if result.status == "already_ingested":
         return result
@@ -259,8 +288,80 @@ def _mark_owner(conn: psycopg.Connection, name: str) -> None:
 
 
 def _drop_staging(conn: psycopg.Connection, names: _StagingNames) -> None:
-    for name in names.all():
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
+    if conn.closed:
+        return  # the session is gone, so are its tables' owner: the next sweep drops them
+    try:
+        for name in names.all():
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_StagingNames.ident(name)))
+    except psycopg.Error as exc:
+        log.warning("staging tables %s left for the next ingest to sweep: %s", names.all(), exc)
+
+
+def _settle(conn: psycopg.Connection) -> None:
+    """After a stop: leave nothing of this session running on the server. psycopg cancels the
+    statement it was waiting for and the transaction blocks roll back; a stop that landed
+    between psycopg's steps can leave a statement running, which is cancelled here and the
+    connection closed (the server then rolls back whatever it had)."""
+    from psycopg.pq import TransactionStatus
+
+    if conn.closed or conn.info.transaction_status == TransactionStatus.IDLE:
+        return
+    try:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            conn.rollback()
+            return
+        conn.cancel_safe(timeout=5.0)
+    except psycopg.Error as exc:
+        log.warning("could not end the interrupted statement cleanly (%s); closing", exc)
+    conn.close()
+
+
+def _record_cancellation(
+    database_url: str, result: IngestResult, started: datetime, reason: str
+) -> None:
+    """Record a stopped ingest as a cancelled batch (nothing merged, counts zero), unless its
+    merge committed before the stop: then the ledger already says what happened."""
+    stage = next((s for s in _STAGES if s not in result.seconds), "validate_table")
+    try:
+        with (
+            connect(database_url, application_name="recranker-ingest") as conn,
+            conn.transaction(),
+        ):
+            conn.execute("SET LOCAL lock_timeout = '30s'")
+            # Serialises with any merge still finishing (its transaction holds this lock).
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LEDGER_LOCK,))
+            merged = _merged_batch(conn, result.content_hash)
+            recorded = (
+                result.batch_id is not None
+                and conn.execute(
+                    "SELECT 1 FROM recranker.ingest_batches WHERE batch_id = %s", (result.batch_id,)
+                ).fetchone()
+            )
+            if merged is not None or recorded:
+                log.warning(
+                    "%s: %s after batch %s was recorded as %s; the ledger has it",
+                    result.source,
+                    reason,
+                    merged[0] if merged else result.batch_id,
+                    "merged" if merged else result.status,
+                )
+                return
+            result.status = "cancelled"
+            result.rows_read = result.rows_merged = result.rows_duplicate = 0
+            result.rows_quarantined = result.items_upserted = result.users_upserted = 0
+            result.error = (
+                f"{result.file_name}: {reason} during {stage}; nothing of the file was merged. "
+                "Run the ingest again to load it."
+            )
+            result.batch_id = _insert_ledger(conn, result, started)
+            conn.execute(
+                "UPDATE recranker.ingest_batches SET error = %s WHERE batch_id = %s",
+                (result.error, result.batch_id),
+            )
+    except psycopg.Error as exc:
+        log.error("%s: %s; could not record the cancelled batch: %s", result.source, reason, exc)
+        return
+    log.warning(result.summary())
 
 
 def _count(conn: psycopg.Connection, table: str) -> int:
@@ -274,20 +375,96 @@ def _count(conn: psycopg.Connection, table: str) -> int:
 # Staging
 
 
+def _one_line_per_record(src: SourceFile) -> bool:
+    """MovieLens atomic files and TSV have no quoting: a physical line is a record, and a `"` is
+    an ordinary character. CSV follows RFC 4180 (quoted fields may hold delimiters and line
+    breaks)."""
+    return src.fmt == "movielens" or src.delimiter == "\t"
+
+
+def _split_line(text: str, delimiter: str, by_line: bool) -> list[str]:
+    if by_line:
+        return text.split(delimiter)
+    return next(csv.reader([text], delimiter=delimiter, strict=True))
+
+
+def _strip_eol(raw: bytes) -> bytes:
+    """The line without its terminator (LF or CRLF); any other CR is part of the line."""
+    return raw.removesuffix(b"\n").removesuffix(b"\r")
+
+
 def _read_header(src: SourceFile) -> Header:
     with src.path.open("rb") as fh:
         first = fh.readline()
     if not first:
         raise DataError(f"{src.path}: the file is empty")
     try:
-        text = first.decode("utf-8-sig").rstrip("\r\n")
+        text = _strip_eol(first).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{src.path}, line 1: the header is not UTF-8 ({exc.reason})") from exc
     try:
-        columns = next(csv.reader([text], delimiter=src.delimiter, strict=True))
+        columns = _split_line(text, src.delimiter, _one_line_per_record(src))
     except (csv.Error, StopIteration) as exc:
         raise DataError(f"{src.path}, line 1: the header is not valid CSV ({exc})") from exc
     return map_header(columns, str(src.path))
+
+
+# COPY's CSV mode with a quote character no accepted file holds: every line is one record and
+# `"` is data. (Text mode would not do: it reads backslashes as escapes, so `\N` would become
+# NULL and `a\tb` a tab.) A file holding this byte is read line by line instead.
+_NO_QUOTE = "\x01"
+_BLANK = b" \t\r\n\x0b\x0c"
+# A line that is only `\.` ends COPY's data in CSV mode (PostgreSQL before 18) and the rest of
+# the file would be dropped without a word: such a file is read line by line.
+_END_OF_DATA = re.compile(rb"\n\\\.\r?\n")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a pass over the bytes tells before staging: where the data ends (trailing blank lines
+    are not records), how many physical lines it has after the header, and whether COPY can be
+    trusted with it."""
+
+    data_end: int
+    data_lines: int
+    trailing_blank_lines: int
+    has_no_quote_byte: bool
+    has_end_of_data_line: bool
+
+
+def _scan(path: Path, chunk: int = 8 << 20) -> _Layout:
+    header_end: int | None = None
+    last_content = 0  # offset just after the last byte that is not blank
+    newlines = 0
+    no_quote = end_of_data = False
+    carry = b"\n"
+    offset = 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            if header_end is None and (nl := block.find(b"\n")) >= 0:
+                header_end = offset + nl + 1
+            content = block.rstrip(_BLANK)
+            if content:
+                last_content = offset + len(content)
+            newlines += block.count(b"\n")
+            no_quote = no_quote or _NO_QUOTE.encode() in block
+            end_of_data = end_of_data or bool(_END_OF_DATA.search(carry + block))
+            carry = (carry + block)[-4:]
+            offset += len(block)
+        end_of_data = end_of_data or bool(_END_OF_DATA.search(carry + b"\n"))
+        if header_end is None or last_content <= header_end:
+            return _Layout(header_end or offset, 0, 0, no_quote, end_of_data)
+        # The data ends with the line break that follows its last non-blank byte; what comes
+        # after it is blank lines.
+        fh.seek(last_content)
+        tail = fh.read()
+    nl = tail.find(b"\n")
+    if nl < 0:  # the last line has no line break
+        return _Layout(offset, newlines, 0, no_quote, end_of_data)
+    blank = tail[nl + 1 :]
+    blank_lines = blank.count(b"\n") + (1 if blank and not blank.endswith(b"\n") else 0)
+    data_lines = newlines - 1 - blank.count(b"\n")
+    return _Layout(last_content + nl + 1, data_lines, blank_lines, no_quote, end_of_data)
 
 
 def _staged_columns(header: Header, delimiter: str) -> StagedColumns:
@@ -314,31 +491,56 @@ def _staging_columns(ncols: int, first_line: int) -> sql.Composable:
     )
 
 
-def _stage(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> StagedColumns:
+class _ReadByLine(Exception):
+    """COPY's reading of the file cannot be trusted; the line-by-line reader takes over."""
+
+
+def _stage(
+    conn: psycopg.Connection, src: SourceFile, names: _StagingNames, result: IngestResult
+) -> StagedColumns:
     """COPY the file into a text staging table; lines COPY cannot take go through a slower
     line-by-line reader that keeps each bad line with its reason."""
     if src.fmt == "parquet":
         return _stage_parquet(conn, src, names)
     header = _read_header(src)
     cols = _staged_columns(header, src.delimiter)
+    by_line = _one_line_per_record(src)
+    layout = _scan(src.path)
+    result.trailing_blank_lines = layout.trailing_blank_lines
+    if layout.trailing_blank_lines:
+        log.info(
+            "%s: %d blank line(s) at the end of the file are not records",
+            src.path,
+            layout.trailing_blank_lines,
+        )
+    options = [sql.SQL("FORMAT csv, HEADER true, DELIMITER {}").format(sql.Literal(src.delimiter))]
+    if by_line:
+        options.append(sql.SQL("QUOTE {}").format(sql.Literal(_NO_QUOTE)))
     target = sql.SQL("{} ({})").format(
         _StagingNames.ident(names.staging),
         sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(cols.count)),
     )
     try:
+        if layout.has_end_of_data_line:
+            raise _ReadByLine("a line holds only \\., which COPY would take as the end")
+        if by_line and layout.has_no_quote_byte:
+            raise _ReadByLine("the file holds the byte 0x01")
         with conn.transaction():
             _create_table(conn, names.staging, _staging_columns(cols.count, 2))
             with (
                 conn.cursor() as cur,
                 cur.copy(
-                    sql.SQL("COPY {} FROM STDIN (FORMAT csv, HEADER true, DELIMITER {})").format(
-                        target, sql.Literal(src.delimiter)
-                    )
+                    sql.SQL("COPY {} FROM STDIN ({})").format(target, sql.SQL(", ").join(options))
                 ) as copy,
                 src.path.open("rb") as fh,
             ):
-                while block := fh.read(_COPY_CHUNK):
+                left = layout.data_end
+                while left > 0 and (block := fh.read(min(_COPY_CHUNK, left))):
                     copy.write(block)
+                    left -= len(block)
+            if by_line and (staged := _count(conn, names.staging)) != layout.data_lines:
+                # One record per line is the contract of these formats; never trust less.
+                raise _ReadByLine(f"COPY read {staged:,} records from {layout.data_lines:,} lines")
         return cols
     except psycopg.errors.DataError as exc:
         log.info(
@@ -346,14 +548,21 @@ def _stage(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> S
             src.path,
             str(exc).splitlines()[0],
         )
+    except _ReadByLine as exc:
+        log.info("%s: %s; reading it line by line", src.path, exc)
     with conn.transaction():
         _create_table(conn, names.staging, _staging_columns(cols.count, 2))
-        _stage_line_by_line(conn, src, names, cols.count)
+        _stage_line_by_line(conn, src, names, cols.count, by_line, layout.data_end)
     return cols
 
 
 def _stage_line_by_line(
-    conn: psycopg.Connection, src: SourceFile, names: _StagingNames, ncols: int
+    conn: psycopg.Connection,
+    src: SourceFile,
+    names: _StagingNames,
+    ncols: int,
+    by_line: bool,
+    data_end: int,
 ) -> None:
     columns = sql.SQL(", ").join(
         [sql.Identifier("line")]
@@ -367,7 +576,9 @@ def _stage_line_by_line(
             sql.SQL("COPY {} ({}) FROM STDIN").format(_StagingNames.ident(names.staging), columns)
         ) as copy,
     ):
-        for line_no, fields, error, raw in _read_lines(src.path, src.delimiter, ncols):
+        for line_no, fields, error, raw in _read_lines(
+            src.path, src.delimiter, ncols, by_line, data_end
+        ):
             if error is None:
                 copy.write_row((line_no, *fields, None, None))
             else:
@@ -375,13 +586,18 @@ def _stage_line_by_line(
 
 
 def _read_lines(
-    path: Path, delimiter: str, ncols: int
+    path: Path, delimiter: str, ncols: int, by_line: bool, data_end: int
 ) -> Iterator[tuple[int, list[str], str | None, str | None]]:
-    """(line, fields, error, raw) for every physical line after the header."""
+    """(line, fields, error, raw) for every physical line after the header, up to `data_end`
+    (the trailing blank lines are not records). With `by_line` a line is split at every
+    delimiter (no quoting); otherwise as one CSV record."""
     with path.open("rb") as fh:
-        fh.readline()
+        offset = len(fh.readline())
         for line_no, raw_line in enumerate(fh, start=2):
-            stripped = raw_line.rstrip(b"\r\n")
+            if offset >= data_end:
+                break
+            offset += len(raw_line)
+            stripped = _strip_eol(raw_line)
             try:
                 text = stripped.decode("utf-8")
             except UnicodeDecodeError:
@@ -394,7 +610,7 @@ def _read_lines(
                 yield line_no, [], "empty_line", text
                 continue
             try:
-                fields = next(csv.reader([text], delimiter=delimiter, strict=True))
+                fields = _split_line(text, delimiter, by_line)
             except csv.Error:
                 yield line_no, [], "malformed_csv", text
                 continue

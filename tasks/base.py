@@ -13,15 +13,13 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.base.retrain import RetrainOutcome, promote_best, train_candidate
 from recranker_core.base.split import SplitData, load_split
 from recranker_core.config import Settings
-from tasks.common import retry_transient
+from tasks.common import TRANSIENT_RETRIES
 
 
 @task(
     name="load-split",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def load_split_task(database_url: str, settings: Settings, watermark: datetime | None) -> SplitData:
     data = load_split(

@@ -1,5 +1,5 @@
-"""Task-level helpers shared by every stage: resources created once per flow run and the retry
-policy for transient failures."""
+"""Task-level helpers shared by every stage: resources created once per flow run and the one
+retry policy for transient failures."""
 
 from __future__ import annotations
 
@@ -9,27 +9,77 @@ from prefect import get_run_logger, task
 
 from recranker_core.config import Settings
 
+# SQLSTATEs a second try can fix: this transaction lost a race (serialization failure, deadlock
+# victim), or the server dropped or refused the session (shutting down, restarting).
+TRANSIENT_SQLSTATES = {
+    "40001": "serialization_failure",
+    "40P01": "deadlock_detected",
+    "08000": "connection_exception",
+    "08001": "sqlclient_unable_to_establish_sqlconnection",
+    "08003": "connection_does_not_exist",
+    "08004": "sqlserver_rejected_establishment_of_sqlconnection",
+    "08006": "connection_failure",
+    "57P01": "admin_shutdown",
+    "57P02": "crash_shutdown",
+    "57P03": "cannot_connect_now",
+}
+# libpq reports a refused, reset or lost connection without a SQLSTATE; these are its words.
+# Every other psycopg.OperationalError (a cancelled statement, a timeout, a connection left
+# busy by an interrupted command: "another command is already in progress") is not transient.
+TRANSIENT_CONNECTION_MESSAGES = (
+    "connection refused",
+    "connection reset",
+    "server closed the connection unexpectedly",
+    "could not receive data from server",
+    "could not send data to server",
+    "the connection is lost",
+    "no route to host",
+)
 
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only failures a second try can fix: lost connections and unreachable services."""
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a second try can fix what raised `exc`: a refused or reset connection (to
+    PostgreSQL or S3) or a serialization failure. Anything else, and any stop (SIGINT,
+    SIGTERM), is final."""
     import botocore.exceptions
     import psycopg
 
+    if isinstance(exc, psycopg.Error):
+        if exc.sqlstate is not None:
+            return exc.sqlstate in TRANSIENT_SQLSTATES
+        message = str(exc).lower()
+        return isinstance(exc, psycopg.OperationalError) and any(
+            words in message for words in TRANSIENT_CONNECTION_MESSAGES
+        )
+    return isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError  # refused, unreachable
+        | botocore.exceptions.ConnectionClosedError  # reset
+        | ConnectionRefusedError
+        | ConnectionResetError
+        | ConnectionAbortedError,
+    )
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for TRANSIENT_RETRIES: retry only what `is_transient` says."""
     try:
         state.result()
-    except (
-        psycopg.OperationalError,
-        botocore.exceptions.EndpointConnectionError,
-        ConnectionError,
-        TimeoutError,
-    ):
-        return True
-    except Exception:
-        return False
+    except BaseException as exc:  # noqa: BLE001 - classified, never swallowed
+        return is_transient(exc)
     return False
 
 
-@task(name="resolve-database", retries=2, retry_delay_seconds=[2, 10])
+# The one retry policy of every task in tasks/ that retries: `@task(..., **TRANSIENT_RETRIES)`.
+TRANSIENT_RETRIES: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_transient,
+}
+
+
+# Shorter waits than the policy's: an operator at a terminal is waiting for this one.
+@task(name="resolve-database", **{**TRANSIENT_RETRIES, "retry_delay_seconds": [2, 10]})
 def resolve_database(settings: Settings) -> str:
     """The database URL (starting the embedded server when none is configured), checked to
     carry the schema this code expects."""

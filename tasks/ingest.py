@@ -12,7 +12,7 @@ from recranker_core.config import Settings
 from recranker_core.datasets.sources import SourceFile, discover
 from recranker_core.errors import ValidationFailed
 from recranker_core.ingest import IngestResult, ingest_file
-from tasks.common import retry_transient
+from tasks.common import TRANSIENT_RETRIES
 
 
 @task(name="discover-files")
@@ -27,9 +27,7 @@ def discover_files(target: str, fmt: str | None, settings: Settings) -> list[Sou
 
 @task(
     name="ingest-file",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
     task_run_name="ingest {src.path.name}",
 )
 def ingest_file_task(src: SourceFile, settings: Settings, database_url: str) -> IngestResult:

@@ -13,15 +13,13 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.base.candidates import ChampionScorer
 from recranker_core.config import Settings
 from recranker_core.ranker.batch import Ranker, ServingPlan
-from tasks.common import retry_transient, store_for
+from tasks.common import TRANSIENT_RETRIES, store_for
 
 
 @task(
     name="load-champion",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
     from recranker_core.base.candidates import load_champion
@@ -40,9 +38,7 @@ def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
 @task(
     name="load-ranker",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def load_ranker_task(
     database_url: str, settings: Settings, adapter_id: int | None = None
@@ -65,9 +61,7 @@ def load_ranker_task(
 @task(
     name="serving-plan",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def serving_plan_task(database_url: str, settings: Settings) -> ServingPlan:
     """What a batch-ranking run serves: in mode `base` no adapter; otherwise the champion
@@ -87,8 +81,7 @@ def serving_plan_task(database_url: str, settings: Settings) -> ServingPlan:
 @task(
     name="rank-shard",
     cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=5,
+    **TRANSIENT_RETRIES,
     task_run_name="shard {shard}",
 )
 def rank_shard_task(
@@ -111,10 +104,12 @@ def rank_shard_task(
     for the run."""
     import time
 
+    from recranker_core.interrupts import check_stop
     from recranker_core.ranker.batch import rank_shard, serving_models
     from recranker_core.ranker.fusion import FusedWeights
     from recranker_core.ranker.publish import write_shard
 
+    check_stop()
     started = time.perf_counter()
     models = serving_models(database_url, store_for(settings), settings, model_id, adapter_id)
     result = rank_shard(
@@ -130,6 +125,7 @@ def rank_shard_task(
         fused=None if fused_weights is None else FusedWeights.from_list(fused_weights),
     )
     seconds = time.perf_counter() - started
+    check_stop()  # a stopped run writes no more shards
     written = write_shard(
         database_url,
         run_id,
@@ -139,6 +135,12 @@ def rank_shard_task(
         llm_users=result.llm_users,
         base_users=result.base_users,
         seconds=seconds,
+        counts={
+            "cold_users": result.cold_users,
+            "llm_failures": result.llm_failures,
+            "llm_retries": result.llm_retries,
+            "prompt_tokens": result.prompt_tokens,
+        },
     )
     return {
         "shard": shard,

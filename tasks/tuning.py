@@ -12,15 +12,13 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.config import Settings
 from recranker_core.ranker.tuning import BaseContext
 from recranker_core.registry import AdapterRecord
-from tasks.common import retry_transient, store_for
+from tasks.common import TRANSIENT_RETRIES, store_for
 
 
 @task(
     name="load-base-context",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def load_base_task(database_url: str, settings: Settings) -> BaseContext:
     """The champion base model, its split, and the hint regressor trained on that split."""
@@ -49,9 +47,7 @@ def sample_users_task(ctx: BaseContext, settings: Settings) -> Any:
 @task(
     name="build-dataset",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def build_dataset_task(
     ctx: BaseContext, sample: Any, settings: Settings, database_url: str
@@ -85,9 +81,7 @@ def build_dataset_task(
 @task(
     name="find-start-adapter",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def start_adapter_task(database_url: str, settings: Settings) -> AdapterRecord | None:
     """The SFT adapter a DMPO run starts from (None for the other objectives); checked before

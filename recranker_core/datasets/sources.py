@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -235,6 +236,23 @@ def _catalogue_rows(path: Path, id_field: str) -> tuple[list[str], list[tuple[in
     return header, rows
 
 
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f-\x9f]|^ | $")
+
+
+def _check_id(path: Path, line: int | None, field_name: str, value: str) -> str:
+    """The id as given, or DataError: a catalogue id is stored byte for byte like the
+    interactions' ids, so it must not be empty, hold a control character or be padded."""
+    where = f"{path}, line {line}" if line is not None else str(path)
+    if not value.strip():
+        raise DataError(f"{where}: {field_name} is empty")
+    if _BAD_ID.search(value):
+        raise DataError(
+            f"{where}: {field_name} {value!r} holds a control character or begins or ends with a "
+            "space; ids are stored exactly as given, so fix it in the file"
+        )
+    return value
+
+
 def read_items(path: Path) -> list[ItemRow]:
     """Items of a MovieLens `.item` file or an items CSV (item_id,title,year,genres,...).
 
@@ -244,7 +262,10 @@ def read_items(path: Path) -> list[ItemRow]:
     if _is_atomic(path):
         from recranker_core.datasets.movielens import load_items
 
-        return [ItemRow(i.item_id, i.title, i.year, i.genres, {}) for i in load_items(path)]
+        return [
+            ItemRow(_check_id(path, None, "item_id", i.item_id), i.title, i.year, i.genres, {})
+            for i in load_items(path)
+        ]
     header, rows = _catalogue_rows(path, "item_id")
     pos = {name: i for i, name in enumerate(header)}
     title_col = next((c for c in ("title", "movie_title", "name") if c in pos), None)
@@ -253,9 +274,7 @@ def read_items(path: Path) -> list[ItemRow]:
     known = {"item_id", title_col, year_col, genre_col}
     items = []
     for line, fields in rows:
-        item_id = fields[pos["item_id"]].strip()
-        if not item_id:
-            raise DataError(f"{path}, line {line}: item_id is empty")
+        item_id = _check_id(path, line, "item_id", fields[pos["item_id"]])
         year: int | None = None
         attributes = {h: fields[i] for h, i in pos.items() if h not in known}
         raw_year = fields[pos[year_col]].strip() if year_col is not None else ""
@@ -290,14 +309,15 @@ def read_users(path: Path) -> list[UserRecord]:
     if _is_atomic(path):
         from recranker_core.datasets.movielens import load_users
 
-        return load_users(path)
+        users = load_users(path)
+        for user in users:
+            _check_id(path, None, "user_id", user.user_id)
+        return users
     header, rows = _catalogue_rows(path, "user_id")
     uid = header.index("user_id")
     users = []
     for line, fields in rows:
-        user_id = fields[uid].strip()
-        if not user_id:
-            raise DataError(f"{path}, line {line}: user_id is empty")
+        user_id = _check_id(path, line, "user_id", fields[uid])
         users.append(
             UserRecord(
                 user_id=user_id,

@@ -23,6 +23,7 @@ from recranker_core.base.candidates import ChampionScorer, champion_candidates, 
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
 from recranker_core.errors import ConfigError
+from recranker_core.interrupts import check_stop
 from recranker_core.ranker.fusion import FusedWeights, fused_utilities
 from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, rerank, utilities
 from recranker_core.ranker.prompts import Catalog, build_inference_prompts
@@ -408,6 +409,7 @@ def rank_shard(
             list(range(lo, min(lo + step, len(to_score)))) for lo in range(0, len(to_score), step)
         ]
         while pending:
+            check_stop()  # shards run outside the main thread, which alone gets the signal
             group = pending.pop(0)
             try:
                 scored = score(group)

@@ -93,10 +93,10 @@ def start_run(
     """Start a run, or resume one when `run_id` names an existing run.
 
     A new run gets its ledger row ('running'), one 'pending' row per shard and its partition,
-    in one transaction. An existing run must be 'running', 'failed' or 'complete' (it goes back
-    to 'running') and must have been started with the same model, adapter, data watermark,
-    parameters and shard assignment; ConfigError says what differs. A naive `data_watermark`
-    is taken as UTC.
+    in one transaction. An existing run must be 'running', 'failed', 'cancelled' or 'complete'
+    (it goes back to 'running') and must have been started with the same model, adapter, data
+    watermark, parameters and shard assignment; ConfigError says what differs. A naive
+    `data_watermark` is taken as UTC.
     """
     run_id = run_id or new_run_id()
     _check_run_id(run_id)
@@ -115,7 +115,7 @@ def start_run(
             log.info("started ranking run %s: %d shards", run_id, len(shards))
             return state
         status, old_model, old_adapter, old_watermark, old_params = row
-        if status not in ("running", "failed", "complete"):
+        if status not in ("running", "failed", "cancelled", "complete"):
             raise RunStateError(
                 f"ranking run {run_id} is {status!r} and cannot be resumed; "
                 "start a new run (without a run id)"
@@ -304,6 +304,7 @@ def write_shard(
     llm_users: int,
     base_users: int,
     seconds: float,
+    counts: dict[str, int] | None = None,
 ) -> int:
     """Write one shard's recommendations in one transaction; returns the rows written.
 
@@ -311,7 +312,8 @@ def write_shard(
     replaces its rows instead of adding to them. `users` must be the shard's users as assigned
     by start_run. Rows are checked on the way (DataError names the user and the field): the
     user belongs to the shard, ranks are 1..k without gaps or repeats, no item twice, a finite
-    score, source 'llm' or 'base'.
+    score, source 'llm' or 'base'. `counts` are the shard's other tallies (cold users, LLM
+    failures, ...), kept with it so that finish_run sums them over every shard of the run.
     """
     wanted = set(users)
     with connect(database_url) as conn:
@@ -368,9 +370,17 @@ def write_shard(
         conn.execute(
             """UPDATE recranker.ranking_shards
                SET status = 'done', rows = %s, llm_users = %s, base_users = %s, seconds = %s,
-                   finished_at = now()
+                   counts = %s, finished_at = now()
                WHERE run_id = %s AND shard = %s""",
-            (checker.rows, llm_users, base_users, seconds, run_id, shard),
+            (
+                checker.rows,
+                llm_users,
+                base_users,
+                seconds,
+                json.dumps(counts or {}),
+                run_id,
+                shard,
+            ),
         )
     log.debug("run %s shard %d: %d rows for %d users", run_id, shard, checker.rows, len(users))
     return checker.rows
@@ -429,10 +439,11 @@ class _RowChecker:
 # --- finish, publish, fail ----------------------------------------------------------------------
 
 
-def finish_run(
-    database_url: str, run_id: str, *, counts: dict[str, Any], timings: dict[str, Any]
-) -> None:
-    """Mark a run 'complete' once every shard is written, with its counts and timings."""
+def finish_run(database_url: str, run_id: str, *, timings: dict[str, Any]) -> dict[str, int]:
+    """Mark a run 'complete' once every shard is written, with its timings and its counts, and
+    return the counts. They are read from the database, not from the caller: rows in the run's
+    partition, and users, LLM/base users and each shard's other tallies summed over all of its
+    shards, so a resumed run counts the shards an earlier process wrote too."""
     with connect(database_url) as conn:
         status = _run_status(conn, run_id, lock="FOR UPDATE")
         if status not in ("running", "complete"):
@@ -452,6 +463,7 @@ def finish_run(
                 f"ranking run {run_id} has {len(pending)} shard(s) not written "
                 f"(first: {pending[:10]}); resume the run with the same run id to write them"
             )
+        counts = _run_counts(conn, run_id)
         conn.execute(
             """UPDATE recranker.ranking_runs
                SET status = 'complete', counts = %s, timings = %s, finished_at = now(),
@@ -461,7 +473,31 @@ def finish_run(
         )
         # Fresh statistics, so the first consumer queries after publish get good plans.
         conn.execute(sql.SQL("ANALYZE {}").format(partition_name(run_id)))
-    log.info("ranking run %s complete", run_id)
+    log.info("ranking run %s complete: %s", run_id, counts)
+    return counts
+
+
+def _run_counts(conn: psycopg.Connection, run_id: str) -> dict[str, int]:
+    row = conn.execute(
+        "SELECT coalesce(sum(users), 0), coalesce(sum(llm_users), 0), "
+        "coalesce(sum(base_users), 0) FROM recranker.ranking_shards WHERE run_id = %s",
+        (run_id,),
+    ).fetchone()
+    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(partition_name(run_id)))
+    total = rows.fetchone()
+    assert row is not None and total is not None
+    counts = {
+        key: int(value)
+        for key, value in conn.execute(
+            "SELECT key, sum(value::bigint) FROM recranker.ranking_shards, "
+            "jsonb_each_text(counts) WHERE run_id = %s GROUP BY key ORDER BY key",
+            (run_id,),
+        )
+    }
+    counts.update(
+        users=int(row[0]), rows=int(total[0]), llm_users=int(row[1]), base_users=int(row[2])
+    )
+    return counts
 
 
 def publish_run(database_url: str, run_id: str) -> str | None:
@@ -508,24 +544,65 @@ def fail_run(database_url: str, run_id: str, error: str) -> None:
     Meant for error handlers, so it never raises over the original error for a run that does
     not exist or is already published: it logs a warning instead.
     """
+    _end_run(database_url, run_id, "failed", error)
+
+
+def cancel_run(database_url: str, run_id: str, reason: str) -> None:
+    """Record that a run was stopped (SIGINT, SIGTERM) before it was published; like fail_run,
+    it can be resumed with the same run id, and it never raises over the stop."""
+    _end_run(database_url, run_id, "cancelled", reason)
+
+
+def _end_run(database_url: str, run_id: str, status: str, error: str) -> None:
     with connect(database_url) as conn:
         row = conn.execute(
             "SELECT status FROM recranker.ranking_runs WHERE run_id = %s FOR UPDATE", (run_id,)
         ).fetchone()
         if row is None or row[0] in ("published", "dropped"):
             log.warning(
-                "not marking ranking run %s failed (%s): %s",
+                "not marking ranking run %s %s (%s): %s",
                 run_id,
+                status,
                 "no such run" if row is None else f"it is {row[0]}",
                 error,
             )
             return
         conn.execute(
-            "UPDATE recranker.ranking_runs SET status = 'failed', error = %s, "
+            "UPDATE recranker.ranking_runs SET status = %s, error = %s, "
             "finished_at = now() WHERE run_id = %s",
-            (error, run_id),
+            (status, error, run_id),
         )
-    log.info("ranking run %s failed: %s", run_id, error)
+    log.info("ranking run %s %s: %s", run_id, status, error)
+
+
+def fail_abandoned_runs(database_url: str) -> list[str]:
+    """Mark 'failed' every run still 'running' whose process is gone, and return their ids.
+
+    Call it while holding batch_rank_lock: only a batch_rank holding that lock works on a run,
+    and the lock goes away with its holder's connection, so while this process holds it no run
+    can be in progress elsewhere. A process killed without a chance to record anything (kill -9,
+    a lost machine) is noticed this way by the next run. Such a run can be resumed.
+    """
+    with connect(database_url) as conn:
+        abandoned = [
+            r[0]
+            for r in conn.execute(
+                """UPDATE recranker.ranking_runs
+                   SET status = 'failed', finished_at = now(),
+                       error = 'abandoned: its process ended without finishing the run (found by '
+                               || 'the next batch_rank; the batch-rank lock was no longer held)'
+                   WHERE status = 'running'
+                   RETURNING run_id"""
+            )
+        ]
+    for run_id in abandoned:
+        log.warning(
+            "ranking run %s was left 'running' by a process that is gone; marked failed "
+            "(resume it with --run-id %s)",
+            run_id,
+            run_id,
+        )
+    return sorted(abandoned)
 
 
 # --- retention ----------------------------------------------------------------------------------

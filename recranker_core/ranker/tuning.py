@@ -31,7 +31,7 @@ from recranker_core.store import ArtifactStore, StoredArtifact, fetch_cached
 log = logging.getLogger(__name__)
 
 # What `make demo` runs: minutes on 2 CPU cores, too small a budget to learn much.
-CPU_DEMO = {
+CPU_DEMO: dict[str, dict[str, Any]] = {
     "sampling": {"users": 24},
     "prompts": {"history_max": 8},
     "tune": {
@@ -49,7 +49,7 @@ CPU_DEMO = {
 
 # The best tuning that fits about an hour on 2 CPU cores (docs/METHOD.md section 5; the choices
 # and how they were made are in README's profile table and BENCHMARKS.md).
-CPU = {
+CPU: dict[str, dict[str, Any]] = {
     "sampling": {"users": 120},
     "prompts": {"history_max": 20},
     "tune": {

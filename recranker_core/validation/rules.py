@@ -19,8 +19,12 @@ REASONS = {
     "empty_line": "the line is empty",
     "user_id_missing": "user_id is empty",
     "user_id_too_long": "user_id is longer than ingest.max_id_length",
+    "user_id_control_character": "user_id holds a control character (tab, CR, LF, ...)",
+    "user_id_whitespace": "user_id begins or ends with a space (ids are never trimmed)",
     "item_id_missing": "item_id is empty",
     "item_id_too_long": "item_id is longer than ingest.max_id_length",
+    "item_id_control_character": "item_id holds a control character (tab, CR, LF, ...)",
+    "item_id_whitespace": "item_id begins or ends with a space (ids are never trimmed)",
     "item_unknown": "item_id is neither in recranker.items nor in the batch's item file",
     "rating_missing": "rating is empty",
     "rating_not_numeric": "rating is not a number",
@@ -45,6 +49,12 @@ _ISO_8601 = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)?"
     r" ?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?$"
 )
+# C0 controls (tab, LF, CR, ...), DEL and the C1 controls; NUL cannot reach a text column (the
+# line is quarantined as nul_byte before).
+CONTROL_CHARACTER = r"[\x01-\x1f\x7f-\x9f]"
+# An id that an operator would read as another id: padded with spaces.
+SURROUNDING_SPACE = r"^ | $"
+BAD_ID = f"{CONTROL_CHARACTER}|{SURROUNDING_SPACE}"
 _NOT_FINITE = ("nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
 
 
@@ -99,9 +109,13 @@ FROM (
            CASE WHEN t.parse_error IS NOT NULL THEN ARRAY[t.parse_error]
            ELSE array_remove(ARRAY[
                CASE WHEN t.user_id IS NULL THEN 'user_id_missing'
-                    WHEN length(t.user_id) > {max_len} THEN 'user_id_too_long' END,
+                    WHEN length(t.user_id) > {max_len} THEN 'user_id_too_long'
+                    WHEN t.user_id ~ {bad_id} THEN CASE WHEN t.user_id ~ {control}
+                        THEN 'user_id_control_character' ELSE 'user_id_whitespace' END END,
                CASE WHEN t.item_id IS NULL THEN 'item_id_missing'
                     WHEN length(t.item_id) > {max_len} THEN 'item_id_too_long'
+                    WHEN t.item_id ~ {bad_id} THEN CASE WHEN t.item_id ~ {control}
+                        THEN 'item_id_control_character' ELSE 'item_id_whitespace' END
                     WHEN NOT {item_known} THEN 'item_unknown' END,
                CASE WHEN t.rating_txt IS NULL THEN 'rating_missing'
                     WHEN lower(t.rating_txt) = ANY({not_finite}) THEN 'rating_not_finite'
@@ -121,9 +135,11 @@ FROM (
                               THEN to_timestamp(p.ts_txt::float8) END
                     WHEN p.ts_txt ~ {iso} THEN recranker.try_timestamptz(p.ts_txt) END AS event_ts
         FROM (
+            -- Ids exactly as given (a blank one is missing); rating and timestamp are parsed,
+            -- so spaces around them do not matter.
             SELECT s.line, s.parse_error,
-                   nullif(btrim({u}), '') AS user_id,
-                   nullif(btrim({i}), '') AS item_id,
+                   CASE WHEN btrim({u}) <> '' THEN {u} END AS user_id,
+                   CASE WHEN btrim({i}) <> '' THEN {i} END AS item_id,
                    nullif(btrim({r}), '') AS rating_txt,
                    nullif(btrim({ts}), '') AS ts_txt
             FROM {staging} s
@@ -148,6 +164,9 @@ FROM (
         iso=sql.Literal(_ISO_8601),
         item_known=item_known,
         max_len=sql.Literal(rules.max_id_length),
+        # One regular expression per id on the common path; the second only names the reason.
+        bad_id=sql.Literal(BAD_ID),
+        control=sql.Literal(CONTROL_CHARACTER),
         not_finite=sql.Literal(list(_NOT_FINITE)),
         rmin=sql.Literal(rules.rating_min),
         rmax=sql.Literal(rules.rating_max),

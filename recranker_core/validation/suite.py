@@ -35,14 +35,18 @@ class ExpectationOutcome:
 def _staged_expectations(rules: IngestSettings) -> list[Any]:
     import great_expectations.expectations as gxe
 
+    from recranker_core.validation.rules import BAD_ID
+
     max_ts = datetime.now(UTC) + timedelta(seconds=rules.future_tolerance_s)
     min_ts = datetime.fromisoformat(rules.min_event_ts.replace("Z", "+00:00"))
     return [
         gxe.ExpectColumnValuesToBeNull(column="parse_error"),
         gxe.ExpectColumnValuesToNotBeNull(column="user_id"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="user_id", max_value=rules.max_id_length),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="user_id", regex=BAD_ID),
         gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="item_id", max_value=rules.max_id_length),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="item_id", regex=BAD_ID),
         gxe.ExpectColumnValuesToBeInSet(column="item_known", value_set=[True]),
         gxe.ExpectColumnValuesToNotBeNull(column="rating"),
         gxe.ExpectColumnValuesToBeBetween(

@@ -312,3 +312,133 @@ def test_parquet_and_tsv_sources(tmp_path, settings, clean_db):
             "AND item_id='i2'"
         ).fetchone()
     assert ts is not None and float(ts[0]) == 1_000_000_000.0
+
+
+def test_stray_quotes_in_line_formats_are_data_one_line_one_row(tmp_path, settings, clean_db):
+    # 102 lines, two with an unbalanced `"`: with CSV quoting they would fuse into one row whose
+    # user_id holds a tab and a newline. MovieLens atomic files and TSV have no quoting.
+    lines = [(f"u{n}", f"i{1 + n % 3}", str(1 + n % 5), str(882_100_000 + n)) for n in range(100)]
+    lines[40] = ('"ua', "i1", "4", "882100000")
+    lines[41] = ('ub"', "i2", "3", "882100001")
+    lines += [('"', "i3", "5", "882100002"), ('u"q"', "i3", "2", "882100003")]
+    body = "".join("\t".join(fields) + "\n" for fields in lines)
+    atomic = tmp_path / "ml"
+    atomic.mkdir()
+    (atomic / "day.item").write_text(
+        "item_id:token\tmovie_title:token_seq\ni1\tOne\ni2\tTwo\ni3\tThree\n"
+    )
+    (atomic / "day.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + body
+    )
+    tsv = write(tmp_path / "tsv", "day.tsv", "user_id\titem_id\trating\ttimestamp\n" + body)
+    for path, fmt in ((atomic / "day.inter", "movielens"), (tsv, None)):
+        clean = psycopg.connect(clean_db, autocommit=True)
+        clean.execute("TRUNCATE recranker.interactions, recranker.users")
+        clean.close()
+        result = run(path, settings, clean_db, fmt)
+        assert (result.status, result.rows_read, result.rows_merged) == ("merged", 102, 102), path
+        check_accounting(clean_db, result)
+        with psycopg.connect(clean_db) as conn:
+            users = {r[0] for r in conn.execute("SELECT user_id FROM recranker.interactions")}
+        assert {'"ua', 'ub"', '"', 'u"q"'} <= users and len(users) == 102
+
+
+def test_ids_with_control_characters_or_padding_are_quarantined(tmp_path, settings, clean_db):
+    # CSV keeps RFC 4180 quoting: a quoted field may hold a tab or a line break, and that id is
+    # quarantined with its reason rather than stored.
+    rows = [
+        "u1,i1,4,1000000000",  # 2 ok
+        '"u\t2",i1,4,1000000001',  # 3
+        '"u\r3",i1,4,1000000002',  # 4
+        'u4,"i\x1f1",4,1000000003',  # 5
+        "u5\x7f,i1,4,1000000004",  # 6
+        "u6\u0085,i1,4,1000000005",  # 7 (C1 control NEL)
+        " u7,i1,4,1000000006",  # 8
+        "u8 ,i1,4,1000000007",  # 9
+        "u9,i1 ,4,1000000008",  # 10
+        "u 10,i1, 4 , 1000000009 ",  # 11 ok: inner space kept, values parsed
+        "   ,i1,4,1000000010",  # 12 blank id: missing
+        '"u\n12",i2,4,1000000011',  # 13-14: one CSV record over two lines
+    ]
+    result = run(
+        write(tmp_path, "c.csv", HEADER + "\n".join(rows) + "\n"), lenient(settings), clean_db
+    )
+    assert (result.status, result.rows_read, result.rows_merged) == ("merged", 12, 2)
+    assert quarantine_of(clean_db, result.batch_id) == {
+        3: ["user_id_control_character"],
+        4: ["user_id_control_character"],
+        5: ["item_id_control_character"],
+        6: ["user_id_control_character"],
+        7: ["user_id_control_character"],
+        8: ["user_id_whitespace"],
+        9: ["user_id_whitespace"],
+        10: ["item_id_whitespace"],
+        12: ["user_id_missing"],
+        13: ["user_id_control_character"],
+    }
+    check_accounting(clean_db, result)
+    with psycopg.connect(clean_db) as conn:
+        stored = {r[0] for r in conn.execute("SELECT user_id FROM recranker.interactions")}
+        raw = conn.execute(
+            "SELECT raw FROM recranker.quarantine WHERE batch_id = %s AND line = 3",
+            (result.batch_id,),
+        ).fetchone()
+    assert stored == {"u1", "u 10"} and raw == ("u\t2,i1,4,1000000001",)
+    gx = {
+        (v["expectation"], v["column"]): v["unexpected_count"]
+        for v in result.validation
+        if v["suite"] == "staged_batch"
+    }
+    assert gx[("expect_column_values_to_not_match_regex", "user_id")] == 7
+    assert gx[("expect_column_values_to_not_match_regex", "item_id")] == 2
+
+    # TSV cannot quote a tab, but may hold other control characters; the byte 0x01 (the quote
+    # character COPY is told to use for line formats) sends the file through the line reader.
+    tsv = write(
+        tmp_path / "t",
+        "t.tsv",
+        "user_id\titem_id\trating\ttimestamp\n"
+        "v1\ti1\t4\t1000000000\nv\x012\ti1\t4\t1000000001\nv3\x0b\ti1\t4\t1000000002\n",
+    )
+    result = run(tsv, lenient(settings), clean_db)
+    assert (result.rows_read, result.rows_merged) == (3, 1)
+    assert quarantine_of(clean_db, result.batch_id) == {
+        3: ["user_id_control_character"],
+        4: ["user_id_control_character"],
+    }
+    check_accounting(clean_db, result)
+
+
+def test_trailing_blank_lines_are_not_rows_and_an_end_of_data_line_loses_nothing(
+    tmp_path, settings, clean_db
+):
+    good = "".join(f"u{n},i1,4,{1000000000 + n}\n" for n in range(20))
+    result = run(write(tmp_path, "b.csv", HEADER + good + "\n \n\r\n\n"), settings, clean_db)
+    assert (result.status, result.rows_read, result.rows_merged) == ("merged", 20, 20)
+    assert result.trailing_blank_lines == 4
+    check_accounting(clean_db, result)
+    # A blank line inside the data is a row, and quarantined.
+    inner = HEADER + "u1,i1,4,1000000100\n\nu2,i1,4,1000000101\n\n"
+    result = run(write(tmp_path / "m", "m.csv", inner), lenient(settings), clean_db)
+    assert (result.rows_read, result.rows_merged, result.trailing_blank_lines) == (3, 2, 1)
+    assert quarantine_of(clean_db, result.batch_id) == {3: ["empty_line"]}
+    # COPY (PostgreSQL < 18) would end the data at a line holding only `\.` and drop the rest.
+    for name, body in (
+        ("e.csv", HEADER + "u1,i1,4,1000000200\n\\.\nu2,i1,4,1000000201\n"),
+        ("e.tsv", HEADER.replace(",", "\t") + "u1\ti1\t4\t1000000200\n\\.\nu2\ti1\t4\t1000000201"),
+    ):
+        result = run(write(tmp_path / name, name, body), lenient(settings), clean_db)
+        assert (result.rows_read, result.rows_merged + result.rows_duplicate) == (3, 2), name
+        assert quarantine_of(clean_db, result.batch_id) == {3: ["wrong_field_count"]}
+        check_accounting(clean_db, result)
+
+
+def test_catalogue_ids_are_kept_exactly_or_the_file_is_refused(tmp_path, settings, clean_db):
+    directory = tmp_path / "cat"
+    directory.mkdir()
+    (directory / "items.csv").write_text("item_id,title\ni1,One\n i2,Two\n")
+    (directory / "day.csv").write_text(HEADER + "u1,i1,4,1000000000\n")
+    result = run(directory / "day.csv", settings, clean_db)
+    assert result.status == "rejected" and result.rows_merged == 0
+    assert "items.csv, line 3: item_id ' i2'" in (result.error or "")
+    check_accounting(clean_db, result)

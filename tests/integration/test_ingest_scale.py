@@ -63,8 +63,9 @@ def test_killed_mid_merge_leaves_no_partial_batch(
     with psycopg.connect(clean_db, autocommit=True) as watch:
         while time.monotonic() < deadline and proc.poll() is None:
             row = watch.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'recranker-ingest' "
-                "AND state = 'active' AND query LIKE 'INSERT INTO recranker.interactions%'"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'recranker-ingest' AND state = 'active' "
+                "AND query LIKE 'INSERT INTO recranker.interactions%'"
             ).fetchone()
             if row:
                 pid_in_db = row[0]
