@@ -123,6 +123,41 @@ def test_a_planted_pickle_with_a_rewritten_manifest_never_runs(
     assert not marker.exists()
 
 
+def test_an_adapter_with_a_planted_hint_regressor_pickle_is_refused(
+    champion: dict[str, Any], tmp_path: Path
+) -> None:
+    """The ranker's path (ranker/batch.py load_ranker): the tuned adapter loads, with its hint
+    regressor from safetensors; the same attack on its files is refused before anything runs."""
+    from flows.tune_ranker import tune_ranker_flow
+    from recranker_core import registry
+    from recranker_core.ranker.batch import load_ranker
+
+    url, store = champion["url"], champion["store"]
+    tune_ranker_flow(max_steps=1)
+    adapter = registry.champion_adapter(url)
+    assert adapter is not None
+    assert {"adapter_model.safetensors", "hint_regressor.safetensors"} <= set(adapter.files)
+    settings = champion["settings"].model_copy(update={"home": tmp_path / "home"})
+    ranker = load_ranker(url, store, settings)
+    assert ranker is not None and ranker.adapter.adapter_id == adapter.adapter_id
+    assert type(ranker.regressor).__name__ == "BiasedMF"
+
+    marker = tmp_path / "marker"
+    _rewrite(
+        champion["cfg"],
+        adapter.lineage["prefix"],
+        {"hint_regressor.pt": _planted_pickle(marker)},
+        remove=("hint_regressor.safetensors", "hint_regressor.json"),
+    )
+    fresh = settings.model_copy(update={"home": tmp_path / "fresh-home"})
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        load_ranker(url, store, fresh)
+    assert f"{adapter.label} in recranker.adapters" in str(refused.value)
+    assert "hint_regressor.pt: in the manifest, not registered" in str(refused.value)
+    assert "recranker tune" in str(refused.value)
+    assert not marker.exists()
+
+
 def test_an_older_pickled_artifact_loads_with_weights_only_and_a_code_pickle_is_refused(
     champion: dict[str, Any], tmp_path: Path
 ) -> None:
