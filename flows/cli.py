@@ -1041,11 +1041,15 @@ def _service_failure(exc: BaseException) -> str | None:
 
     where = _database_named()
     if isinstance(exc, psycopg.OperationalError):
-        return (
-            f"cannot use the database {where} ({_one_line(str(exc))}): check "
-            "RECRANKER_DATABASE_URL (or start the local stack: `recranker stack up`); a new "
-            "database needs `recranker db upgrade`"
+        said = _one_line(str(exc))
+        todo = (
+            "create it (`createdb`) or correct RECRANKER_DATABASE_URL, then run "
+            "`recranker db upgrade`"
+            if "does not exist" in said
+            else "check RECRANKER_DATABASE_URL (or start the local stack: `recranker stack "
+            "up`); a new database needs `recranker db upgrade`"
         )
+        return f"cannot use the database {where} ({said}): {todo}"
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
         return (
             f"the database {where} has no recranker schema ({_one_line(str(exc))}): run "
