@@ -18,6 +18,9 @@ import typer
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
+    # main() reports errors: one line for expected ones, a masked traceback otherwise (rich's
+    # pretty tracebacks would also print local variables, database URLs among them).
+    pretty_exceptions_enable=False,
     help="recranker: batch recommendations with an LLM ranker, as a Prefect data product.",
 )
 stack_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the local stack.")
@@ -32,6 +35,35 @@ adapters_app = typer.Typer(no_args_is_help=True, help="The ranker-adapter regist
 app.add_typer(adapters_app, name="adapters")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments comparing ranker variants.")
 app.add_typer(experiment_app, name="experiment")
+
+
+# Exit codes (the README's table): 0 done, 1 an ingested batch was rejected, 2 the command could
+# not run as configured (usage, settings, database or S3 missing or unreachable, nothing to work
+# on yet, another batch_rank running), 3 an artifact failed its integrity check, 4 an unexpected
+# error (a bug: the traceback is printed), 130 interrupted.
+EXIT_REJECTED = 1
+EXIT_CONFIG = 2
+EXIT_INTEGRITY = 3
+EXIT_UNEXPECTED = 4
+EXIT_INTERRUPTED = 130
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Print the traceback of every error, expected ones too (credentials masked).",
+        ),
+    ] = False,
+) -> None:
+    """recranker: batch recommendations with an LLM ranker, as a Prefect data product."""
+    from recranker_core.redact import show_tracebacks
+
+    _DEBUG["on"] = debug
+    show_tracebacks(debug)
 
 
 class Format(StrEnum):
@@ -53,6 +85,15 @@ def _settings() -> Any:
         return load_settings()
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"invalid setting: {exc}") from exc
+
+
+def _preflight() -> None:
+    """Fail fast, in one line, when the database is missing, unreachable or behind this code,
+    before a flow starts (whose tasks would retry the connection and log each attempt)."""
+    from recranker_core.db.migrate import require_current
+    from recranker_core.stack import database_url
+
+    require_current(database_url(_settings()))
 
 
 def _echo_json(obj: Any) -> None:
@@ -201,6 +242,7 @@ def ingest(
     ] = False,
 ) -> None:
     """Ingest interaction files as validated batches (exit 1 when a batch is rejected)."""
+    _preflight()
     from flows.ingest import ingest_flow
     from recranker_core.errors import ValidationFailed
 
@@ -218,7 +260,7 @@ def ingest(
         else:
             typer.echo(r.summary())
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_REJECTED)
 
 
 @app.command("batches")
@@ -286,6 +328,7 @@ def train_base(
 ) -> None:
     """Split, train the base models, store and register them, and promote the best if it passes
     the gate (the `retrain-base` flow)."""
+    _preflight()
     from flows.retrain_base import retrain_base_flow
 
     summary = retrain_base_flow(kind or None)
@@ -408,6 +451,7 @@ def tune_ranker(
 ) -> None:
     """Sample users, build the instruction data, tune a LoRA adapter, store, register and gate
     it (the `tune-ranker` flow)."""
+    _preflight()
     from flows.tune_ranker import tune_ranker_flow
 
     summary = tune_ranker_flow(objective, profile, max_steps)
@@ -449,6 +493,7 @@ def experiment_objectives(
     """Tune SFT, ALRO and DMPO on the same sampled users and budget, evaluate each (docs/METHOD.md
     table, listwise position bias) and write the comparison under $RECRANKER_HOME/reports/. The
     adapters are registered as candidates and never promoted."""
+    _preflight()
     from flows.experiment import experiment_objectives_flow
 
     result = experiment_objectives_flow(
@@ -527,6 +572,7 @@ def rank(
     ] = False,
 ) -> None:
     """Rank every active user and publish the run (the `batch-rank` flow)."""
+    _preflight()
     from flows.batch_rank import batch_rank_flow
 
     summary = batch_rank_flow(run_id, mode, not no_publish)
@@ -557,6 +603,7 @@ def evaluate(
     published one on validation and test, each difference to the base with its paired-bootstrap
     interval, the guard's decision and slices; stored in the database and written as an HTML
     report (the `evaluate-ranker` flow)."""
+    _preflight()
     from flows.evaluate_ranker import evaluate_ranker_flow
 
     result = evaluate_ranker_flow(None, max_users, adapter_id=adapter)
@@ -606,6 +653,7 @@ def tune_weights(
     """Choose the four fused weights (base, pointwise, pairwise, listwise) on VALIDATION users
     only (test is never read), run the cross-fitted guard, print the decision and store it on
     the champion adapter: what `recranker rank` serves in mode `fused`."""
+    _preflight()
     from flows.evaluate_ranker import evaluate_ranker_flow
     from recranker_core.ranker.fusion import GuardDecision
     from recranker_core.registry import update_adapter_fusion
@@ -681,7 +729,11 @@ def show_settings(
     if markdown:
         typer.echo(settings_table())
     else:
-        _echo_json(_settings().secret_free_dict())
+        # secret_free_dict masks every string with `redact`; the JSON text is masked once more
+        # (a credential split across keys or escaped by json.dumps would still not show).
+        from recranker_core.redact import redact
+
+        typer.echo(redact(json.dumps(_settings().secret_free_dict(), default=str, sort_keys=True)))
 
 
 DEMO_RANK_DEFAULTS = {
@@ -696,9 +748,9 @@ def demo() -> None:
     user, publish, and write the evaluation report."""
     from recranker_core import stack
     from recranker_core.datasets.movielens import fetch_movielens_100k
-    from recranker_core.db.connect import redact_url
     from recranker_core.db.migrate import upgrade
     from recranker_core.ingest import ledger
+    from recranker_core.redact import redact
 
     settings = _settings()
     _print_status(stack.stack_up(settings), False)
@@ -774,7 +826,7 @@ def demo() -> None:
     _print_evaluation(result)
     typer.echo(
         "sample query (as any role in recranker_reader):\n"
-        f"  psql '{redact_url(url)}' -v user_id=1 -f sql/examples/top_k_for_user.sql\n"
+        f"  psql '{redact(url)}' -v user_id=1 -f sql/examples/top_k_for_user.sql\n"
         "  SELECT user_id, rank, item_id, source FROM recranker.recommendations_current "
         "WHERE user_id = '1' ORDER BY rank;"
     )
@@ -1003,12 +1055,13 @@ def _use_local_prefect_server() -> None:
 
 
 def main() -> None:
-    from recranker_core.errors import RecrankerError
+    from recranker_core.redact import install_log_masking
 
     home = os.environ.get("RECRANKER_HOME", ".recranker")
     os.environ.setdefault("PREFECT_HOME", str(Path(home).expanduser().resolve() / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    install_log_masking()
     logging.basicConfig(
         level=os.environ.get("RECRANKER_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -1019,6 +1072,93 @@ def main() -> None:
     _use_local_prefect_server()
     try:
         app()
-    except RecrankerError as exc:
-        typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
-        sys.exit(2)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - every failure ends here, as one line or a report
+        message, code = describe_failure(exc)
+        _fail(message, code, exc)
+
+
+def describe_failure(exc: BaseException) -> tuple[str, int]:
+    """What went wrong, in one line for the user, and the exit code (the README's table)."""
+    from recranker_core.errors import ArtifactIntegrityError, RecrankerError, ValidationFailed
+
+    if isinstance(exc, RecrankerError):
+        code = (
+            EXIT_INTEGRITY
+            if isinstance(exc, ArtifactIntegrityError)
+            else EXIT_REJECTED
+            if isinstance(exc, ValidationFailed)
+            else EXIT_CONFIG
+        )
+        return str(exc), code
+    service = _service_failure(exc)
+    if service is not None:
+        return service, EXIT_CONFIG
+    return (
+        f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (a bug: please report it with "
+        "the traceback above)",
+        EXIT_UNEXPECTED,
+    )
+
+
+def _service_failure(exc: BaseException) -> str | None:
+    """The line for a database or S3 that is missing, unreachable or refuses us; None for any
+    other failure."""
+    import psycopg
+
+    where = _database_named()
+    if isinstance(exc, psycopg.OperationalError):
+        said = _one_line(str(exc))
+        todo = (
+            "create it (`createdb`) or correct RECRANKER_DATABASE_URL, then run "
+            "`recranker db upgrade`"
+            if "does not exist" in said
+            else "check RECRANKER_DATABASE_URL (or start the local stack: `recranker stack "
+            "up`); a new database needs `recranker db upgrade`"
+        )
+        return f"cannot use the database {where} ({said}): {todo}"
+    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+        return (
+            f"the database {where} has no recranker schema ({_one_line(str(exc))}): run "
+            "`recranker db upgrade`"
+        )
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return (
+            f"the database {where} refused an operation ({_one_line(str(exc))}): connect as "
+            "the pipeline's role (the owner of schema recranker), not as a reader"
+        )
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return None
+    if isinstance(exc, BotoCoreError | ClientError):
+        endpoint = os.environ.get("RECRANKER_S3_ENDPOINT") or "the local SeaweedFS"
+        return (
+            f"cannot use S3 at '{endpoint}' ({_one_line(str(exc))}): check "
+            "RECRANKER_S3_ENDPOINT, RECRANKER_S3_BUCKET and the AWS credentials (or start the "
+            "local stack: `recranker stack up`)"
+        )
+    return None
+
+
+def _database_named() -> str:
+    # Quoted: the masking of a password= parameter stops at the quote, not at the next word.
+    url = os.environ.get("RECRANKER_DATABASE_URL")
+    return f"'{url}'" if url else "(the embedded PostgreSQL under $RECRANKER_HOME/pg)"
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
+def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    """Print the error line (after the masked traceback when there is one to show) and exit."""
+    import traceback
+
+    from recranker_core.redact import redact
+
+    if exc is not None and (_DEBUG["on"] or code == EXIT_UNEXPECTED):
+        typer.echo(redact("".join(traceback.format_exception(exc)).rstrip()), err=True)
+    typer.echo(f"error: {redact(message)}", err=True)
+    sys.exit(code)

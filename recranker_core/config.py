@@ -4,7 +4,7 @@ nested sections with a double underscore, e.g. RECRANKER_INGEST__FAILURE_BUDGET=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -566,13 +566,19 @@ class Settings(BaseSettings):
         return v.expanduser().resolve()
 
     def secret_free_dict(self) -> dict[str, object]:
-        """Settings as a dict with credentials in URLs masked, for logs and artifacts."""
-        from recranker_core.db.connect import redact_url
+        """Settings as a dict with every credential masked (`redact` on every string), for
+        `recranker settings`, logs and artifacts."""
+        from recranker_core.redact import redact_value
 
-        data = self.model_dump(mode="json")
-        if data.get("database_url"):
-            data["database_url"] = redact_url(data["database_url"])
-        return data
+        masked: dict[str, object] = redact_value(self.model_dump(mode="json"))
+        return masked
+
+    def __repr_args__(self) -> Any:
+        # A repr (a log line, a traceback, a Prefect parameter) never shows a credential.
+        from recranker_core.redact import redact_value
+
+        for name, value in super().__repr_args__():
+            yield name, redact_value(value)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -3,7 +3,15 @@ what was wrong, where, and what to do."""
 
 
 class RecrankerError(Exception):
-    """Base of every error raised on purpose by recranker."""
+    """Base of every error raised on purpose by recranker. Its first argument is the message;
+    further arguments (a ValidationFailed's results) travel with it but never show in its str
+    or repr, which Prefect writes into logs and state messages."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
 
 
 class ConfigError(RecrankerError):
@@ -19,7 +27,8 @@ class DataError(RecrankerError):
 
 
 class ValidationFailed(RecrankerError):
-    """A batch broke more rules than the failure budget allows; nothing of it was merged."""
+    """A batch broke more rules than the failure budget allows; nothing of it was merged. The
+    second argument is the IngestResult (or the list of them)."""
 
 
 class ArtifactIntegrityError(RecrankerError):

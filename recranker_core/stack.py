@@ -35,6 +35,7 @@ from urllib.parse import quote
 from recranker_core.config import Settings
 from recranker_core.db.connect import redact_url
 from recranker_core.errors import ConfigError, StackError
+from recranker_core.redact import register_secret
 
 if TYPE_CHECKING:
     import psutil
@@ -90,6 +91,11 @@ class S3Config:
     secret_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # Masked wherever they might surface (an SDK error, a debug log), not only in reprs.
+        register_secret(self.secret_key)
+        register_secret(self.session_token)
+
     def client(self) -> S3Client:
         """A boto3 S3 client for this endpoint, path-style (SeaweedFS and most on-prem servers)."""
         import boto3
@@ -107,7 +113,7 @@ class S3Config:
 
     def __repr__(self) -> str:
         return (
-            f"S3Config(endpoint={self.endpoint!r}, bucket={self.bucket!r}, "
+            f"S3Config(endpoint={redact_url(self.endpoint)!r}, bucket={self.bucket!r}, "
             f"region={self.region!r}, access_key={self.access_key!r}, secret_key='***')"
         )
 
@@ -208,7 +214,7 @@ def s3_config(settings: Settings, *, start: bool = True) -> S3Config:
         if missing:
             verb = "is" if len(missing) == 1 else "are"
             raise ConfigError(
-                f"RECRANKER_S3_ENDPOINT is set ({settings.s3_endpoint}) but "
+                f"RECRANKER_S3_ENDPOINT is set ({redact_url(settings.s3_endpoint)}) but "
                 f"{' and '.join(missing)} {verb} not: export the S3 credentials for it"
             )
         config = S3Config(
@@ -289,6 +295,8 @@ def _secret_file(path: Path, make: dict[str, str]) -> dict[str, str]:
     missing = [k for k in make if not isinstance(data.get(k), str) or not data[k]]
     if missing:
         raise StackError(f"{path} lacks {', '.join(missing)}; delete it to generate new ones")
+    for key in ("password", "secret_key"):
+        register_secret(data.get(key))
     return {k: str(v) for k, v in data.items()}
 
 

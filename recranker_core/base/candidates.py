@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +17,10 @@ import numpy.typing as npt
 from recranker_core.base.onnx_export import OnnxScorer, pad_exclusions
 from recranker_core.db.connect import connect
 from recranker_core.errors import ArtifactIntegrityError, DataError
-from recranker_core.store import ArtifactStore, fetch_cached
+from recranker_core.store import ArtifactStore, fetch_registered
+
+if TYPE_CHECKING:
+    from recranker_core.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +107,28 @@ class ChampionScorer:
         return {item: n for n, item in enumerate(self.item_ids)}
 
 
+def fetch_model(record: ModelRecord, store: ArtifactStore, cache_root: Path) -> Path:
+    """The model's local copy, every file checked against the digests of its registry row (the
+    manifest stored beside the files is not trusted on its own)."""
+    prefix = record.lineage.get("prefix")
+    if not prefix:
+        raise DataError(f"model {record.model_id} has no artifact prefix in its lineage")
+    return fetch_registered(
+        store,
+        prefix,
+        cache_root,
+        record.files,
+        f"model {record.label} in recranker.models",
+        remedy="train it again (`recranker train-base`)",
+    )
+
+
 def load_champion(
     database_url: str, store: ArtifactStore, cache_root: Path, model_id: int | None = None
 ) -> ChampionScorer:
-    """The champion's (or model `model_id`'s) ONNX scorer from the store (checksums verified on
-    fetch and on every cached reuse). No champion -> DataError saying how to get one."""
+    """The champion's (or model `model_id`'s) ONNX scorer from the store (every file checked
+    against the registry's digests on fetch and on every cached reuse). No champion ->
+    DataError saying how to get one."""
     import json
 
     from recranker_core import registry
@@ -117,10 +138,7 @@ def load_champion(
         record = registry.get_model(database_url, model_id)
     if record is None:
         raise DataError("no champion base model: run `recranker train-base` first")
-    prefix = record.lineage.get("prefix")
-    if not prefix:
-        raise DataError(f"model {record.model_id} has no artifact prefix in its lineage")
-    directory = fetch_cached(store, prefix, cache_root)
+    directory = fetch_model(record, store, cache_root)
     user_ids = json.loads((directory / "user_ids.json").read_text())
     item_ids = json.loads((directory / "item_ids.json").read_text())
     scorer = OnnxScorer(directory / "model.onnx")

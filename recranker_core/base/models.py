@@ -9,6 +9,7 @@ functions that need it, not at the top of CLI or flow modules.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -39,7 +40,8 @@ class BaseRecommender(Protocol):
     - `user_embeddings()` / `item_embeddings()`: float32 [n_users, d] / [n_items, d], or None
       where the model has none (MostPop).
     - `state()` / `from_state(state)`: a dict of plain values and tensors (hyperparameters and
-      the state_dict) that `torch.save` can write and `from_state` turns back into the model.
+      the state_dict) that `write_state` stores as JSON + safetensors and `from_state` turns
+      back into the model.
     """
 
     kind: str
@@ -539,3 +541,103 @@ def model_from_state(state: dict[str, Any]) -> BaseRecommender:
     if kind not in MODELS:
         raise ValueError(f"unknown base model kind {kind!r}; known: {sorted(MODELS)}")
     return MODELS[kind].from_state(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# model files: what an artifact holds of a model, in formats that load without running code
+
+# <stem>.json: {"format": STATE_FORMAT, "kind": ..., "hparams": {...}}; <stem>.safetensors: the
+# state_dict. Written by `write_state`; artifacts of older versions hold <stem>.pt (torch.save of
+# `state()`), read by `read_state` with weights_only=True.
+STATE_FORMAT = 1
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def write_state(model: BaseRecommender, directory: Path, stem: str = "model") -> list[Path]:
+    """Write `model.state()` as `<stem>.json` (kind and hyperparameters) and
+    `<stem>.safetensors` (the tensors); returns the two paths."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = model.state()
+    hparams = dict(state["hparams"])
+    bad = {k: type(v).__name__ for k, v in hparams.items() if not isinstance(v, _PLAIN)}
+    if bad:
+        raise TypeError(f"{state['kind']} hyperparameters must be plain values, found {bad}")
+    meta = directory / f"{stem}.json"
+    weights = directory / f"{stem}.safetensors"
+    meta.write_text(
+        json.dumps({"format": STATE_FORMAT, "kind": state["kind"], "hparams": hparams}, indent=2)
+    )
+    # Separate, contiguous copies: safetensors refuses tensors that share memory.
+    save_file({k: v.contiguous() for k, v in state["state_dict"].items()}, str(weights))
+    return [meta, weights]
+
+
+def read_state(directory: Path, stem: str = "model") -> BaseRecommender:
+    """The model `write_state` wrote into `directory`, or, for an artifact of an older version,
+    the one in `<stem>.pt`, read with `torch.load(weights_only=True)` (tensors and plain values
+    only; a file holding anything else is refused, never run)."""
+    import json
+
+    from recranker_core.errors import ArtifactIntegrityError
+
+    meta, weights, legacy = (
+        directory / f"{stem}.json",
+        directory / f"{stem}.safetensors",
+        directory / f"{stem}.pt",
+    )
+    retrain = "train it again (`recranker train-base`, or `recranker tune` for a hint regressor)"
+    if weights.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            header = json.loads(meta.read_text())
+            weights_read = load_file(str(weights), device="cpu")
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise ArtifactIntegrityError(
+                f"{directory}: cannot read {meta.name} and {weights.name} ({exc}); {retrain}"
+            ) from exc
+        if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+            raise ArtifactIntegrityError(
+                f"{meta}: not a model description of format {STATE_FORMAT}; {retrain}"
+            )
+        state = {
+            "kind": header.get("kind"),
+            "hparams": header.get("hparams"),
+            "state_dict": weights_read,
+        }
+    elif legacy.is_file():
+        import pickle
+
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise ArtifactIntegrityError(
+                f"{legacy}: refused: it holds more than tensors and plain values, which "
+                f"recranker never unpickles ({str(exc).splitlines()[0][:200]}); {retrain}"
+            ) from exc
+    else:
+        raise ArtifactIntegrityError(
+            f"{directory}: no {weights.name} (nor an older {legacy.name}); {retrain}"
+        )
+    hparams = state.get("hparams") if isinstance(state, dict) else None
+    tensors = state.get("state_dict") if isinstance(state, dict) else None
+    if (
+        not isinstance(hparams, dict)
+        or not all(isinstance(k, str) and isinstance(v, _PLAIN) for k, v in hparams.items())
+        or not isinstance(tensors, dict)
+        or not all(isinstance(v, torch.Tensor) for v in tensors.values())
+    ):
+        raise ArtifactIntegrityError(
+            f"{directory}: the {stem} files do not describe a model (kind, plain "
+            f"hyperparameters, tensors); {retrain}"
+        )
+    try:
+        return model_from_state(state)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ArtifactIntegrityError(
+            f"{directory}: {stem} cannot be rebuilt ({exc}); {retrain}"
+        ) from exc

@@ -37,14 +37,13 @@ class RetrainOutcome:
 def write_artifact(
     directory: Path, model: Any, data: SplitData, metrics: dict[str, Any], k: int
 ) -> float:
-    """Weights, ONNX scorer, id maps and metrics into `directory`; returns the parity diff."""
-    import torch
-
-    from recranker_core.base.models import pad_sequences
+    """Weights (safetensors + JSON), ONNX scorer, id maps and metrics into `directory`; returns
+    the parity diff."""
+    from recranker_core.base.models import pad_sequences, write_state
     from recranker_core.base.onnx_export import export_topk, pad_exclusions
 
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state(), directory / "model.pt")
+    write_state(model, directory, "model")
     (directory / "user_ids.json").write_text(json.dumps(data.user_ids))
     (directory / "item_ids.json").write_text(json.dumps(data.item_ids))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

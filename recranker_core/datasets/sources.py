@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from recranker_core.datasets.movielens import UserRecord
 from recranker_core.errors import DataError
+from recranker_core.store.manifest import check_safe_path
 
 if TYPE_CHECKING:
     from recranker_core.stack import S3Config
@@ -148,20 +149,41 @@ def _discover_s3(target: str, fmt: str | None, cache_dir: Path, s3: S3Config) ->
         keys.extend(obj["Key"] for obj in page.get("Contents", []))
     if not keys:
         raise DataError(f"{target}: no objects under this prefix")
-    local_root = cache_dir / bucket
-    for key in keys:
-        dest = local_root / key
+    paths = cache_paths(target, bucket, keys, cache_dir)
+    for key, dest in paths.items():
         dest.parent.mkdir(parents=True, exist_ok=True)
         log.info("downloading s3://%s/%s", bucket, key)
         client.download_file(bucket, key, str(dest))
     files = []
-    for key in sorted(keys):
-        dest = local_root / key
+    for key, dest in sorted(paths.items()):
         if _is_interaction_file(dest, fmt):
             files.append(describe_file(dest, fmt, source=f"s3://{bucket}/{key}"))
     if not files:
         raise DataError(f"{target}: no interaction files (*.inter, *.csv, *.tsv, *.parquet)")
     return files
+
+
+def cache_paths(target: str, bucket: str, keys: list[str], cache_dir: Path) -> dict[str, Path]:
+    """Where each object of an s3:// source is downloaded: ``cache_dir/bucket/key``. Folder
+    markers ("a/b/") hold no data and are left out; a key that would leave the cache (a ``..``
+    component, an absolute path, a backslash) refuses the whole source before any download."""
+    try:
+        check_safe_path(bucket)
+    except ValueError as exc:
+        raise DataError(f"{target}: invalid bucket name {bucket!r}: {exc}") from None
+    paths: dict[str, Path] = {}
+    for key in keys:
+        if key.endswith("/"):
+            continue
+        try:
+            check_safe_path(key)
+        except ValueError as exc:
+            raise DataError(
+                f"{target}: refusing object key {key!r}: {exc}; nothing was downloaded. Rename "
+                "or remove that object"
+            ) from None
+        paths[key] = cache_dir / bucket / key
+    return paths
 
 
 def normalise_column(name: str) -> str:

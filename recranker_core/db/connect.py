@@ -4,28 +4,21 @@ Expectations. Nothing here holds a global connection; callers own what they open
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import psycopg
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, safe for logs and status lines.
+    """The URL (or connection string) with every credential replaced by ***: `redact`, the one
+    masking function, under the name its callers know.
 
-    >>> redact_url("postgresql://app:s3cret@db:5432/rec")
-    'postgresql://app:***@db:5432/rec'
-    >>> redact_url("postgresql://localhost/rec")
-    'postgresql://localhost/rec'
+    >>> redact_url("postgresql://app:s3cret@db:5432/rec?password=s3cret")
+    'postgresql://app:***@db:5432/rec?password=***'
     """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    from recranker_core.redact import redact
+
+    return redact(url)
 
 
 def libpq_url(url: str) -> str:

@@ -8,9 +8,13 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from recranker_core.db.connect import connect
 from recranker_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ def upgrade(database_url: str) -> list[str]:
     """
     applied_now: list[str] = []
     with connect(database_url, autocommit=True) as conn:
+        # A migration's WARNING (e.g. a right it could not change) reaches the operator.
+        conn.add_notice_handler(_log_warning)
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             conn.execute("CREATE SCHEMA IF NOT EXISTS recranker")
@@ -89,6 +95,11 @@ def upgrade(database_url: str) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     return applied_now
+
+
+def _log_warning(notice: psycopg.errors.Diagnostic) -> None:
+    if notice.severity_nonlocalized in ("WARNING", "ERROR"):
+        log.warning("%s", notice.message_primary)
 
 
 def current_version(database_url: str) -> int:

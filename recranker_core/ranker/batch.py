@@ -22,7 +22,7 @@ from recranker_core import registry
 from recranker_core.base.candidates import ChampionScorer, champion_candidates, load_champion
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
-from recranker_core.errors import ConfigError
+from recranker_core.errors import ArtifactIntegrityError, ConfigError
 from recranker_core.interrupts import check_stop
 from recranker_core.ranker.fusion import FusedWeights, fused_utilities
 from recranker_core.ranker.hybrid import MODES, TASK_MODES, Weights, rerank, utilities
@@ -153,10 +153,9 @@ def load_ranker(
 ) -> Ranker | None:
     """`record` (default: the champion adapter) on the configured backbone (checksums, backbone
     and template verified); None when no adapter has been tuned yet (the run is then base-only)."""
-    import torch
     from peft import PeftModel
 
-    from recranker_core.base.models import model_from_state
+    from recranker_core.base.models import read_state
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.tuning import fetch_adapter
 
@@ -168,9 +167,14 @@ def load_ranker(
     directory = fetch_adapter(
         record, store, settings.home / "cache" / "artifacts", backbone.backbone_hash
     )
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise ArtifactIntegrityError(
+            f"{record.label}: no adapter_model.safetensors in {directory}; only safetensors "
+            "weights are loaded: tune a new adapter (`recranker tune`)"
+        )
     model = PeftModel.from_pretrained(backbone.model, directory)
     model.eval()
-    regressor = model_from_state(torch.load(directory / "hint_regressor.pt", weights_only=False))
+    regressor = read_state(directory, "hint_regressor")
     users = json.loads((directory / "user_ids.json").read_text())
     items = json.loads((directory / "item_ids.json").read_text())
     log.info("ranker: %s on %s (%s)", record.label, backbone.backbone_id, backbone.device)

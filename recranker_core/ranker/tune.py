@@ -802,8 +802,16 @@ def tune(
         "tokens": 0,
     }
     resumed_from = None
+    saved: dict[str, Any] = {}
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+        import pickle
+
+        try:
+            # Tensors and plain values only: a checkpoint never needs more, so nothing in it runs.
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            log.warning("checkpoint %s cannot be read safely (%s); starting over", checkpoint, exc)
+    if saved:
         if saved.get("fingerprint") == fingerprint:
             from peft import set_peft_model_state_dict
 

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recranker_core import registry
+from recranker_core.base.candidates import fetch_model
 from recranker_core.base.split import SplitData
 from recranker_core.config import Settings
 from recranker_core.errors import ArtifactIntegrityError, ConfigError, DataError
@@ -26,7 +27,7 @@ from recranker_core.ranker.prompts import (
     Prompt,
     build_inference_prompts,
 )
-from recranker_core.store import ArtifactStore, StoredArtifact, fetch_cached
+from recranker_core.store import ArtifactStore, StoredArtifact, fetch_registered
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +112,17 @@ class BaseContext:
 def load_base_context(
     database_url: str, store: ArtifactStore, cache_root: Path, like_threshold: float
 ) -> BaseContext:
-    """The champion from the store (checksums verified) and the split as of its watermark; the
-    two must index users and items the same way, or the data changed under the champion."""
-    import torch
-
-    from recranker_core.base.models import model_from_state
+    """The champion from the store (every file checked against the registry's digests) and the
+    split as of its watermark; the two must index users and items the same way, or the data
+    changed under the champion."""
+    from recranker_core.base.models import read_state
     from recranker_core.base.split import load_split
 
     record = registry.champion(database_url)
     if record is None:
         raise DataError("no champion base model: run `recranker train-base` first")
-    directory = fetch_cached(store, record.lineage["prefix"], cache_root)
-    model = model_from_state(torch.load(directory / "model.pt", weights_only=False))
+    directory = fetch_model(record, store, cache_root)
+    model = read_state(directory, "model")
     data = load_split(database_url, like_threshold=like_threshold, watermark=record.data_watermark)
     users = json.loads((directory / "user_ids.json").read_text())
     items = json.loads((directory / "item_ids.json").read_text())
@@ -755,12 +755,12 @@ def publish_adapter(
     adapters) it stays a candidate: never champion, never rejected."""
     import shutil
 
-    import torch
+    from recranker_core.base.models import write_state
 
     with tempfile.TemporaryDirectory(prefix="recranker-adapter-") as tmp:
         local = Path(tmp) / "adapter"
         shutil.copytree(adapter_dir, local)
-        torch.save(ctx.regressor.state(), local / "hint_regressor.pt")
+        write_state(ctx.regressor, local, "hint_regressor")
         # The regressor's own index of users and items (the split it was trained on), so that
         # serving maps ids correctly whatever base model is champion by then.
         (local / "user_ids.json").write_text(json.dumps(ctx.data.user_ids))
@@ -841,8 +841,8 @@ def fetch_adapter(
     cache_root: Path,
     backbone_hash: str,
 ) -> Path:
-    """The adapter's verified local copy; refused when built for another backbone or another
-    prompt template than this code writes."""
+    """The adapter's local copy, every file checked against the registry's digests; refused
+    when built for another backbone or another prompt template than this code writes."""
     if record.backbone_hash != backbone_hash:
         raise ArtifactIntegrityError(
             f"adapter {record.adapter_id} was tuned on backbone {record.backbone_id} "
@@ -856,4 +856,14 @@ def fetch_adapter(
             f"{record.template_version}, this code writes {', '.join(TEMPLATES)}: tune a new "
             "adapter"
         )
-    return fetch_cached(store, record.lineage["prefix"], cache_root)
+    prefix = record.lineage.get("prefix")
+    if not prefix:
+        raise DataError(f"{record.label} has no artifact prefix in its lineage: tune a new adapter")
+    return fetch_registered(
+        store,
+        prefix,
+        cache_root,
+        record.files,
+        f"{record.label} in recranker.adapters",
+        remedy="tune a new adapter (`recranker tune`)",
+    )

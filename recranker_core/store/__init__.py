@@ -9,6 +9,7 @@ from recranker_core.store.artifacts import (
     S3ArtifactStore,
     StoredArtifact,
     fetch_cached,
+    fetch_registered,
 )
 from recranker_core.store.manifest import FileEntry, Manifest
 
@@ -22,4 +23,5 @@ __all__ = [
     "S3ArtifactStore",
     "StoredArtifact",
     "fetch_cached",
+    "fetch_registered",
 ]

@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -32,7 +32,10 @@ from recranker_core.errors import (
     RecrankerError,
 )
 from recranker_core.store.manifest import (
+    DIGEST_SHOWN,
     MANIFEST_NAME,
+    PROBLEMS_SHOWN,
+    SHA256_HEX,
     FileEntry,
     Manifest,
     check_relative_path,
@@ -55,6 +58,10 @@ DEFAULT_MULTIPART_THRESHOLD = 512 * 1024 * 1024
 DELETE_BATCH = 1000
 # Where the local store writes an object before renaming it into place; never a valid prefix.
 LOCAL_TMP_DIR = ".recranker-tmp"
+# The only kinds of file a registered artifact may hold: each is read without running code from
+# it (JSON, safetensors, ONNX, text), or, `.pt`, by `torch.load(weights_only=True)`, which builds
+# tensors and plain containers only. Anything else is refused before it is downloaded.
+LOADABLE_SUFFIXES = (".json", ".jsonl", ".safetensors", ".onnx", ".md", ".pt")
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,14 @@ class ArtifactStore(Protocol):
         self, local: Path, prefix: str, meta: dict[str, Any] | None = None
     ) -> StoredArtifact: ...
 
-    def get_directory(self, prefix: str, dest: Path) -> Manifest: ...
+    def get_directory(
+        self,
+        prefix: str,
+        dest: Path,
+        expected: Mapping[str, str] | None = None,
+        owner: str = "",
+        remedy: str = "train it again",
+    ) -> Manifest: ...
 
     def read_manifest(self, prefix: str) -> Manifest: ...
 
@@ -201,11 +215,21 @@ class _ObjectStore:
         )
         return StoredArtifact(uri=self.uri(prefix), prefix=prefix, manifest=manifest)
 
-    def get_directory(self, prefix: str, dest: Path) -> Manifest:
+    def get_directory(
+        self,
+        prefix: str,
+        dest: Path,
+        expected: Mapping[str, str] | None = None,
+        owner: str = "",
+        remedy: str = "train it again",
+    ) -> Manifest:
         """Download the artifact into ``dest`` (which must not exist), verifying every file.
 
-        The files land in a temporary sibling of ``dest`` that is renamed into place only when
-        all of them match the manifest, so ``dest`` is either complete and verified or absent.
+        ``expected`` (relative path -> sha256, from the registry row named by ``owner``) is what
+        the artifact must hold: a stored manifest that lists other files or other digests is
+        refused before anything is downloaded, so the manifest beside the files is never the
+        only authority. The files land in a temporary sibling of ``dest`` that is renamed into
+        place only when all of them match, so ``dest`` is either complete and verified or absent.
         ``dest/manifest.json`` holds the manifest, so the directory can be verified again later.
         """
         prefix = normalise_prefix(prefix)
@@ -215,6 +239,16 @@ class _ObjectStore:
                 f"{dest} already exists; fetch into a new directory (or remove it first)"
             )
         manifest = self.read_manifest(prefix)
+        if expected is not None:
+            check_registered(
+                manifest,
+                expected,
+                where=self._key_uri(f"{prefix}/{MANIFEST_NAME}"),
+                owner=owner,
+                hint="the stored artifact was changed after it was registered; nothing of it "
+                "was downloaded",
+                remedy=remedy,
+            )
         started = time.monotonic()
         dest.parent.mkdir(parents=True, exist_ok=True)
         # A sibling, so the final rename stays on one filesystem and is atomic.
@@ -222,7 +256,7 @@ class _ObjectStore:
         partial.mkdir()
         try:
             problems: list[str] = []
-            for rel, expected in manifest.files.items():
+            for rel, entry in manifest.files.items():
                 key = f"{prefix}/{rel}"
                 target = partial / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +266,7 @@ class _ObjectStore:
                 except FileNotFoundError:
                     problems.append(f"{rel}: missing (no object {self._key_uri(key)})")
                     continue
-                problem = describe_mismatch(rel, expected, actual)
+                problem = describe_mismatch(rel, entry, actual)
                 if problem:
                     problems.append(problem)
             if problems:
@@ -538,19 +572,29 @@ class LocalArtifactStore(_ObjectStore):
                 directory.rmdir()
 
 
-def fetch_cached(store: ArtifactStore, prefix: str, cache_root: Path) -> Path:
+def fetch_cached(
+    store: ArtifactStore,
+    prefix: str,
+    cache_root: Path,
+    *,
+    expected: Mapping[str, str] | None = None,
+    owner: str = "",
+    remedy: str = "train it again",
+) -> Path:
     """A verified local copy of the artifact under ``cache_root``, downloaded only when needed.
 
-    An existing copy is checked against the manifest stored in it (sizes, then sha256 of every
-    file); only a copy that fails the check, or none, is fetched again. Artifacts are immutable,
-    so a valid copy needs no round trip to the store.
+    An existing copy is checked against its manifest (sizes, then sha256 of every file), and
+    that manifest against ``expected`` when given (relative path -> sha256 from the registry
+    row ``owner``); a copy that fails either check is removed and fetched again, so a tampered
+    cache is never used. Artifacts are immutable, so a valid copy needs no download; with
+    ``expected``, the store's manifest is still read (one small object) so that damage in the
+    store is reported even while this machine serves its verified copy.
     """
     prefix = normalise_prefix(prefix)
     dest = Path(cache_root) / cache_entry_name(store.uri(prefix), prefix)
     if dest.exists() or dest.is_symlink():
         try:
-            manifest = Manifest.load(dest)
-            manifest.verify_directory(dest)
+            manifest = _verified_copy(dest, expected, owner, remedy)
         except (ArtifactIntegrityError, OSError) as exc:
             log.warning("cached copy %s of %s is not valid (%s); fetching again", dest, prefix, exc)
             _remove(dest)
@@ -561,13 +605,156 @@ def fetch_cached(store: ArtifactStore, prefix: str, cache_root: Path) -> Path:
                 len(manifest.files),
                 _human_size(manifest.total_size),
             )
+            if expected is not None:
+                _report_store_damage(store, prefix, expected, owner, remedy)
             return dest
     try:
-        store.get_directory(prefix, dest)
+        store.get_directory(prefix, dest, expected, owner, remedy)
     except FileExistsError:
         # A concurrent fetch renamed its verified copy into place first; use that one.
-        Manifest.load(dest).verify_directory(dest)
+        _verified_copy(dest, expected, owner, remedy)
     return dest
+
+
+def fetch_registered(
+    store: ArtifactStore,
+    prefix: str,
+    cache_root: Path,
+    files: Mapping[str, str],
+    owner: str,
+    *,
+    remedy: str = "train it again",
+) -> Path:
+    """The verified local copy of a registered artifact: ``files`` (relative path -> sha256, the
+    registry row's ``files`` column) is the trust anchor for the download and for the cache;
+    ``owner`` names the row in messages (``model 3 (mf) in recranker.models``), ``remedy`` what
+    to do about a refused artifact.
+
+    Refused with ArtifactIntegrityError before anything is downloaded: a row without digests, a
+    path that could leave the artifact's directory, a file of a kind recranker does not load
+    safely (LOADABLE_SUFFIXES), or a stored manifest that disagrees with the row.
+    """
+    return fetch_cached(
+        store,
+        prefix,
+        cache_root,
+        expected=registered_files(files, owner, remedy),
+        owner=owner,
+        remedy=remedy,
+    )
+
+
+def registered_files(
+    files: Mapping[str, str], owner: str, remedy: str = "train it again"
+) -> dict[str, str]:
+    """The registry row's file digests, checked: plain relative paths, sha256 hex digests, and
+    only files of the kinds in LOADABLE_SUFFIXES."""
+    if not isinstance(files, Mapping) or not files:
+        raise ArtifactIntegrityError(
+            f"{owner} has no file digests in the registry (its `files` column is empty), so its "
+            f"artifact cannot be verified and is not loaded: {remedy}"
+        )
+    problems: list[str] = []
+    for rel, digest in files.items():
+        try:
+            check_relative_path(rel)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+            problems.append(f"{rel}: {digest!r} is not a sha256 digest")
+        if not rel.lower().endswith(LOADABLE_SUFFIXES):
+            problems.append(
+                f"{rel}: not a kind of file recranker loads (only {', '.join(LOADABLE_SUFFIXES)})"
+            )
+    if problems:
+        raise ArtifactIntegrityError(
+            f"{owner} lists files that are never loaded: {'; '.join(problems[:PROBLEMS_SHOWN])}. "
+            f"recranker does not write such artifacts; nothing was downloaded: {remedy}"
+        )
+    return dict(files)
+
+
+def check_registered(
+    manifest: Manifest,
+    expected: Mapping[str, str],
+    *,
+    where: str,
+    owner: str,
+    hint: str,
+    remedy: str = "train it again",
+) -> None:
+    """ArtifactIntegrityError unless ``manifest`` lists exactly the registered files with the
+    registered digests (the manifest lives beside the files, so it can be rewritten with them)."""
+    problems: list[str] = []
+    for rel in sorted(expected.keys() - manifest.files.keys()):
+        problems.append(f"{rel}: registered, missing from the manifest")
+    for rel in sorted(manifest.files.keys() - expected.keys()):
+        problems.append(f"{rel}: in the manifest, not registered")
+    for rel in sorted(expected.keys() & manifest.files.keys()):
+        found = manifest.files[rel].sha256
+        if found != expected[rel]:
+            problems.append(
+                f"{rel}: sha256 {found[:DIGEST_SHOWN]}... where the registry has "
+                f"{expected[rel][:DIGEST_SHOWN]}..."
+            )
+    if problems:
+        shown = "; ".join(problems[:PROBLEMS_SHOWN])
+        more = (
+            f"; and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
+        )
+        raise ArtifactIntegrityError(
+            f"{where} disagrees with the registry ({owner or 'the registered digests'}): "
+            f"{shown}{more}. {hint[:1].upper() + hint[1:]}; restore the original files or "
+            f"{remedy}"
+        )
+
+
+def _verified_copy(
+    dest: Path, expected: Mapping[str, str] | None, owner: str, remedy: str
+) -> Manifest:
+    manifest = Manifest.load(dest)
+    if expected is not None:
+        check_registered(
+            manifest,
+            expected,
+            where=str(dest),
+            owner=owner,
+            hint="the cached copy was changed",
+            remedy=remedy,
+        )
+    manifest.verify_directory(dest)
+    return manifest
+
+
+def _report_store_damage(
+    store: ArtifactStore, prefix: str, expected: Mapping[str, str], owner: str, remedy: str
+) -> None:
+    """Say so when the stored copy no longer matches the registry, even though this machine
+    serves a verified cached one (other machines would refuse it). Best effort: an unreachable
+    store is not an error while the cache is valid."""
+    try:
+        manifest = store.read_manifest(prefix)
+        check_registered(
+            manifest,
+            expected,
+            where=store.uri(prefix),
+            owner=owner,
+            hint="this machine keeps serving its verified cached copy, machines without one "
+            "will refuse it",
+            remedy=remedy,
+        )
+    except ArtifactIntegrityError as exc:
+        log.error("%s", exc)
+    except ArtifactNotFoundError:
+        log.error(
+            "%s is gone from the store (%s); this machine keeps serving its verified cached "
+            "copy, machines without one cannot load it",
+            store.uri(prefix),
+            owner,
+        )
+    except Exception as exc:  # noqa: BLE001 - an unreachable store must not stop a valid cache
+        log.debug("could not read the stored manifest of %s: %s", store.uri(prefix), exc)
 
 
 def cache_entry_name(uri: str, prefix: str) -> str:

@@ -29,7 +29,7 @@ DIGEST_SHOWN = 12
 # Problems named one by one in an error message; a thoroughly broken artifact gets a count.
 PROBLEMS_SHOWN = 10
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Manifest:
             if not isinstance(raw, dict):
                 raise bad(f"{rel!r}: entry must be an object with sha256 and size")
             digest, size = raw.get("sha256"), raw.get("size")
-            if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
                 raise bad(f"{rel!r}: sha256 must be 64 lowercase hex digits, found {digest!r}")
             if type(size) is not int or size < 0:
                 raise bad(f"{rel!r}: size must be a non-negative integer, found {size!r}")
@@ -210,9 +210,19 @@ def utc_now_iso() -> str:
 def check_relative_path(rel: str) -> str:
     """Return ``rel`` if it is a plain relative posix path inside a directory, else ValueError.
 
-    Used for manifest entries and store prefixes alike: no absolute paths, no ``..`` (or ``.``,
-    or empty) components, no backslashes (a separator on Windows, and a trap everywhere), no NUL.
+    Used for manifest entries and store prefixes alike: `check_safe_path`, and not the name of
+    the manifest itself.
     """
+    check_safe_path(rel)
+    if rel == MANIFEST_NAME:
+        raise ValueError(f"path {rel!r} is reserved for the manifest itself")
+    return rel
+
+
+def check_safe_path(rel: str) -> str:
+    """Return ``rel`` if joining it to a directory stays inside that directory, else ValueError:
+    no absolute paths, no ``..`` (or ``.``, or empty) components, no backslashes (a separator on
+    Windows, and a trap everywhere), no NUL. For object keys that become local paths."""
     if not isinstance(rel, str) or not rel:
         raise ValueError(f"path {rel!r} is empty or not a string")
     if "\x00" in rel or "\\" in rel:
@@ -222,8 +232,6 @@ def check_relative_path(rel: str) -> str:
     parts = rel.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"path {rel!r} has an empty, '.' or '..' component (may escape)")
-    if rel == MANIFEST_NAME:
-        raise ValueError(f"path {rel!r} is reserved for the manifest itself")
     return rel
 
 

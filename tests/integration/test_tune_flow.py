@@ -55,9 +55,15 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     cfg = s3_config(s3_settings)
     store = S3ArtifactStore(cfg)
     manifest = store.read_manifest(adapter.lineage["prefix"])
-    assert {"adapter_config.json", "adapter_model.safetensors", "hint_regressor.pt"} <= set(
-        manifest.files
-    )
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "hint_regressor.json",
+        "hint_regressor.safetensors",
+    } <= set(manifest.files)
+    # Nothing in a new adapter needs unpickling, and the registry row lists every file.
+    assert not [f for f in manifest.files if f.endswith((".pt", ".bin", ".pkl"))]
+    assert adapter.files == {rel: e.sha256 for rel, e in manifest.files.items()}
     assert manifest.meta["backbone_hash"] == adapter.backbone_hash
     assert manifest.meta["sampled_users"] == 24
     dataset_prefix = summary["dataset"].split(f"{cfg.bucket}/", 1)[1]
