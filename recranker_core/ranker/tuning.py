@@ -51,13 +51,13 @@ CPU_DEMO: dict[str, dict[str, Any]] = {
 # The best tuning that fits about an hour on 2 CPU cores (docs/METHOD.md section 5; the choices
 # and how they were made are in README's profile table and BENCHMARKS.md).
 CPU: dict[str, dict[str, Any]] = {
-    "sampling": {"users": 120},
+    "sampling": {"users": 96},
     "prompts": {"history_max": 20},
     "tune": {
         "epochs": 1,
         "batch_size": 2,
         "grad_accumulation": 4,
-        "eval_every": 15,
+        "eval_every": 12,
         "valid_users": 100,
         "max_length": 1024,
         "warmup_steps": 5,
