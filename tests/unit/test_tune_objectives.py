@@ -381,8 +381,9 @@ def test_dmpo_negatives_follow_their_source(tiny: Path, prompts: list[Prompt]) -
 def test_dmpo_starts_at_log_2_from_the_sft_adapter_and_steps_lower_it(
     tiny: Path, prompts: list[Prompt], catalog: Catalog, tmp_path: Path
 ) -> None:
-    # Stage one: a short SFT run whose last adapter is the best.
-    sft_cfg = settings(epochs=1)
+    # Stage one: a short SFT run whose last adapter is the best (one prompt per question: the
+    # DMPO stage below reads whole published-layout prompts).
+    sft_cfg = settings(epochs=1, packed=False)
     model, tokenizer = load(tiny)
     sft_examples, _ = encode_for(prompts, tokenizer, sft_cfg, catalog)
     sft = tune(model, tokenizer, sft_examples, rising(), sft_cfg, tmp_path / "sft", progress=False)
