@@ -1,5 +1,5 @@
 """An adapter scores with the prompt template it was tuned with: one tuned with `rr-1` keeps its
-wording after RECRANKER_PROMPTS__TEMPLATE moves on to `rr-2` (the default), and DMPO only starts
+wording after RECRANKER_PROMPTS__TEMPLATE moves on to `rr-3` (the default), and DMPO only starts
 from an SFT adapter of the configured template. Real PostgreSQL, SeaweedFS, Prefect API, ONNX
 champion and a tiny tuned Llama."""
 

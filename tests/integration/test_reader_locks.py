@@ -189,7 +189,7 @@ def test_a_reader_holding_every_lock_it_can_delays_neither_ingest_nor_ranking(
                     base_users=1,
                     seconds=0.0,
                 )
-                finish_run(clean_db, state.run_id, counts={"users": 1}, timings={})
+                finish_run(clean_db, state.run_id, timings={})
                 publish_run(clean_db, state.run_id)
                 return state.run_id
 
