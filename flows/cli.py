@@ -460,6 +460,7 @@ def tune_ranker(
         f"adapter {summary['adapter_id']}: "
         f"{'promoted' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
+    typer.echo(f"guard: serves {summary['fusion']['served']}: {summary['fusion']['reason']}")
     if summary.get("note"):
         typer.echo(f"warning: {summary['note']}")
     _echo_json({k: summary[k] for k in ("adapter_id", "metrics", "steps", "best_step", "seconds")})
@@ -520,14 +521,16 @@ def adapters_list(
         _echo_json([a.as_json() for a in adapters])
         return
     typer.echo(
-        f"{'id':>4} {'objective':<9} {'status':<10} {'valid ndcg@10':>13} {'base':>7} "
+        f"{'id':>4} {'objective':<9} {'status':<10} {'fused@3':>8} {'base@3':>7} "
         f"{'fusion (gain±se)':<22} {'backbone':<34} created"
     )
     for a in adapters:
-        valid = a.metrics.get("valid", {}).get("ndcg@10", float("nan"))
-        base = a.metrics.get("valid_base", {}).get("ndcg@10", float("nan"))
+        # NDCG@3 of the fused ranking and of the base order on the guard's validation users.
+        fusion = a.metrics.get("fusion") or {}
+        valid = float(fusion.get("fused_ndcg", float("nan")))
+        base = float(fusion.get("base_ndcg", float("nan")))
         typer.echo(
-            f"{a.adapter_id:>4} {a.objective:<9} {a.status:<10} {valid:>13.4f} {base:>7.4f} "
+            f"{a.adapter_id:>4} {a.objective:<9} {a.status:<10} {valid:>8.4f} {base:>7.4f} "
             f"{_served(a.metrics.get('fusion')):<22} {a.backbone_id[:34]:<34} "
             f"{a.created_at:%Y-%m-%d %H:%M}"
         )
@@ -793,6 +796,7 @@ def demo() -> None:
         f"adapter {tuned['adapter_id']}: {'promoted' if tuned['promoted'] else 'not promoted'} "
         f"({tuned['reason']}); {tuned['steps']} steps in {tuned['seconds']} s"
     )
+    typer.echo(f"guard: serves {tuned['fusion']['served']}: {tuned['fusion']['reason']}")
     if tuned.get("note"):
         typer.echo(f"warning: {tuned['note']}")
     adapters_list(limit=3, as_json=False)
