@@ -5,11 +5,11 @@ prompt tokens/s against a plain batched forward pass of the same token count (th
 this hardware), all measured in this run.
 
     python benchmarks/rank.py [--users 5 --history 50] [--backbone default|tiny|PATH]
-                              [--template rr-2]
+                              [--template rr-3]
 
 Per user: 10 candidates -> 10 pointwise + 10 pairwise (5 pairs, both orders) + 1 listwise
 prompt, built by `build_inference_prompts` from the synthetic MovieLens-shaped catalogue (see
-benchmarks/score.py). Our scorer reads them in `--template` (default rr-2: the candidates in the
+benchmarks/score.py). Our scorer reads them in `--template` (default rr-3: the candidates in the
 shared prefix, questions of a few tokens); it is also timed on rr-1 prompts for reference. The
 baseline is the published layout (rr-1: every prompt carries its own items and hint, the same
 draws of history, pairs and order), greedily generating up to 3 tokens for pointwise and
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument(
         "--adapter", default=None, help="A LoRA adapter directory applied to both scorers."
     )
-    parser.add_argument("--template", default="rr-2", choices=["rr-1", "rr-2"])
+    parser.add_argument("--template", default="rr-3", choices=["rr-1", "rr-2", "rr-3"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +109,7 @@ def main() -> None:
                 args.candidates,
                 PromptSettings(history_max=args.history, pairwise_pairs=5, template=template),
             )
-            for template in {args.template, "rr-1"}
+            for template in {args.template, "rr-1", "rr-2"}
         }
         entries, published = built[args.template], built["rr-1"]
         score_users(model, tokenizer, entries[:1], batch_size=args.batch_size)  # warm-up
@@ -121,6 +121,8 @@ def main() -> None:
 
         ours, our_tokens = timed(entries)
         reference = timed(published) if args.template != "rr-1" else None
+        # rr-2 (a random history sample grouped by rating) is what rr-3's recency costs against.
+        grouped = timed(built["rr-2"]) if args.template not in ("rr-1", "rr-2") else None
 
         start = time.perf_counter()
         base_tokens, failures = 0, 0
@@ -144,6 +146,11 @@ def main() -> None:
         f"| ours (verbalizer, prefix cache, {args.template}) | {n / ours:.3f} | {ours / n:.2f} | "
         f"{our_tokens / n:,.0f} |"
     )
+    if grouped is not None:
+        print(
+            f"| ours on rr-2 prompts (reference) | {n / grouped[0]:.3f} | "
+            f"{grouped[0] / n:.2f} | {grouped[1] / n:,.0f} |"
+        )
     if reference is not None:
         print(
             f"| ours on rr-1 prompts (reference) | {n / reference[0]:.3f} | "
