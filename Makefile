@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: install demo test test-ui test-slow test-all bench bench-scale lint stack-up stack-down clean
+.PHONY: install demo test test-ui test-slow test-all bench bench-quality bench-scale lint stack-up stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench: install
 	$(BIN)/python benchmarks/tune.py
 	$(BIN)/python benchmarks/score.py --backbone default --users 3
 	$(BIN)/python benchmarks/rank.py --users 3
+
+## bench-quality: MovieLens-100K, base models, shadow models, `cpu`-profile tuning and the
+## evaluation on every evaluable user with intervals (under an hour on 2 cores; QUALITY_ARGS passes
+## options such as `--profile full` or `--adapter ID`)
+bench-quality: install
+	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
 
 ## bench-scale: each stage's time and peak memory at 1x, 2x, 4x generated data (125k users /
 ## 25k items / 2.5M interactions, doubling), and batch ranking on Dask vs threads (not in make test)
