@@ -741,6 +741,7 @@ def show_settings(
 
 DEMO_RANK_DEFAULTS = {
     "RECRANKER_RANK__LLM_MAX_USERS": "60",
+    "RECRANKER_RANK__EVAL_MAX_USERS": "300",
 }
 
 
@@ -801,9 +802,9 @@ def demo() -> None:
         typer.echo(f"warning: {tuned['note']}")
     adapters_list(limit=3, as_json=False)
 
-    # The demo's ranking budget on CPU: when the guard serves the fusion, the LLM re-ranks the
-    # most active users and the others get the base ranking (source 'base'). An operator's own
-    # settings win over these.
+    # The demo's budget on CPU: when the guard serves the fusion, the LLM re-ranks the most
+    # active users and the others get the base ranking (source 'base'); the evaluation reads a
+    # seeded sample of users (it says so). An operator's own settings win over these.
     for key, value in DEMO_RANK_DEFAULTS.items():
         os.environ.setdefault(key, value)
     typer.echo(
@@ -821,10 +822,11 @@ def demo() -> None:
     )
     from flows.evaluate_ranker import evaluate_ranker_flow
 
-    # The adapter just tuned, promoted or not: what it would add is the demo's question.
+    # The adapter just tuned, promoted or not: what it would add is the demo's question. The
+    # demo reads a seeded sample of users (a CPU budget; `recranker eval` reads them all).
     typer.echo(
-        f"\nevaluating adapter {tuned['adapter_id']} on every evaluable user (docs/METHOD.md "
-        "table; only users whose held-out item is a candidate are scored by the LLM):"
+        f"\nevaluating adapter {tuned['adapter_id']} (docs/METHOD.md table; only users whose "
+        "held-out item is a candidate are scored by the LLM):"
     )
     result = evaluate_ranker_flow(adapter_id=int(tuned["adapter_id"]))
     _print_evaluation(result)

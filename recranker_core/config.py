@@ -309,6 +309,13 @@ class TuneSettings(BaseModel):
         description="Fixed validation users (their validation item among the candidates) scored "
         "at every evaluation; at least 100 make the fused NDCG@3 readable.",
     )
+    guard_users: int = Field(
+        2000,
+        ge=0,
+        description="Most validation users (their item among the candidates, not read by early "
+        "stopping) the guard scores the kept adapter on; fewer than 30 and it reads the "
+        "early-stopping users instead, and says so.",
+    )
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps of the learning rate.")
     seed: int = Field(0, description="Seed of torch and the data order.")
     promotion_tolerance: float = Field(

@@ -41,6 +41,7 @@ CPU_DEMO: dict[str, dict[str, Any]] = {
         "grad_accumulation": 2,
         "eval_every": 3,
         "valid_users": 40,
+        "guard_users": 100,
         "max_length": 768,
         "warmup_steps": 2,
         "cuts_per_user": 2,
@@ -278,9 +279,8 @@ MIN_VALIDATION_USERS = 100
 
 
 # The guard's own users (the validation hits early stopping did not read): fewer than this and
-# it falls back to the early-stopping users, and says so. At most GUARD_MAX_USERS are scored.
+# it falls back to the early-stopping users, and says so. At most `tune.guard_users` are scored.
 MIN_GUARD_USERS = 30
-GUARD_MAX_USERS = 2000
 
 
 def validation_set(
@@ -295,7 +295,7 @@ def validation_sets(
 ) -> tuple[ValidationSet, ValidationSet | None]:
     """`settings.tune.valid_users` users (seeded) among those whose validation item is a
     candidate, read at every evaluation to keep the best step; and the guard's users: the other
-    such users (at most GUARD_MAX_USERS), read once, on the kept step, so that choosing the step
+    such users (at most `tune.guard_users`), read once, on the kept step, so that choosing the step
     does not inflate the gain the guard measures (None when fewer than MIN_GUARD_USERS). Prompts
     take their hints from the candidates' own scoring."""
     from recranker_core.base.evaluate import sample_evaluable_users
@@ -328,8 +328,8 @@ def validation_sets(
     rng = np.random.default_rng(settings.tune.seed)
     keep = np.sort(rng.choice(hits, size=min(wanted, hits.size), replace=False))
     rest = np.setdiff1d(hits, keep)
-    if rest.size > GUARD_MAX_USERS:
-        rest = np.sort(rng.choice(rest, size=GUARD_MAX_USERS, replace=False))
+    if rest.size > settings.tune.guard_users:
+        rest = np.sort(rng.choice(rest, size=settings.tune.guard_users, replace=False))
     counts = {
         "evaluable": all_evaluable,
         "scanned": int(evaluable.size),
