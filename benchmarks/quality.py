@@ -44,6 +44,13 @@ def main() -> None:
     parser.add_argument(
         "--adapter", type=int, default=None, help="evaluate this adapter, skip tuning"
     )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop tuning after this many optimizer steps (a run stopped earlier resumes from "
+        "its checkpoint: the same data and settings)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -83,7 +90,9 @@ def main() -> None:
         from flows.tune_ranker import tune_ranker_flow
 
         t = time.perf_counter()
-        tuned = tune_ranker_flow(objective=args.objective, profile=args.profile)
+        tuned = tune_ranker_flow(
+            objective=args.objective, profile=args.profile, max_steps=args.max_steps
+        )
         timings["tune"] = time.perf_counter() - t
         adapter_id = int(tuned["adapter_id"])
         print(
@@ -105,7 +114,16 @@ def main() -> None:
         "adapter_id": adapter_id,
         "tuning": {
             k: tuned.get(k)
-            for k in ("steps", "best_step", "seconds", "promoted", "reason", "history", "fusion")
+            for k in (
+                "steps",
+                "best_step",
+                "seconds",
+                "resumed_from",
+                "promoted",
+                "reason",
+                "history",
+                "fusion",
+            )
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         **result,
