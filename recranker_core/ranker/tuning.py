@@ -270,9 +270,6 @@ class ValidationSet:
     def positions(self) -> npt.NDArray[np.int64]:
         return np.argmax(self.candidates == self.targets[:, None], axis=1).astype(np.int64)
 
-    def listwise_prompts(self) -> list[Prompt]:
-        return [next(p for p in mine if p.task == "listwise") for mine in self.prompts]
-
 
 # Fewer validation users than this make the fused NDCG@3 too noisy to stop on (docs/METHOD.md 5).
 MIN_VALIDATION_USERS = 100
@@ -281,13 +278,6 @@ MIN_VALIDATION_USERS = 100
 # The guard's own users (the validation hits early stopping did not read): fewer than this and
 # it falls back to the early-stopping users, and says so. At most `tune.guard_users` are scored.
 MIN_GUARD_USERS = 30
-
-
-def validation_set(
-    ctx: BaseContext, catalog: Catalog, hints: BaseHints, settings: Settings
-) -> ValidationSet:
-    """The early-stopping users (`validation_sets`)."""
-    return validation_sets(ctx, catalog, hints, settings)[0]
 
 
 def validation_sets(
@@ -372,18 +362,6 @@ def validation_prompts(
     ]
 
 
-def listwise_ranks(
-    prompts: list[Prompt], scores: list[npt.NDArray[np.float32]], targets: npt.ArrayLike
-) -> npt.NDArray[np.int64]:
-    """0-based rank of each target among its prompt's candidates by score (ties pessimistic)."""
-    ranks = np.empty(len(prompts), dtype=np.int64)
-    wanted = np.asarray(targets)
-    for n, (p, s) in enumerate(zip(prompts, scores, strict=True)):
-        mine = s[p.items.index(int(wanted[n]))]
-        ranks[n] = int((s > mine).sum() + (s == mine).sum() - 1)
-    return ranks
-
-
 # The validation metric tuning keeps the best step by (docs/METHOD.md section 5).
 SELECT_METRIC = "fused_ndcg@3"
 
@@ -439,11 +417,6 @@ class Validator:
             "listwise_ndcg@3": float(per_user_ndcg(scored, listwise, 3).mean()),
             "listwise_ndcg@10": float(per_user_ndcg(scored, listwise, 10).mean()),
         }
-
-
-def make_validate(valid: ValidationSet, tokenizer: Any, batch_size: int) -> Validator:
-    """The tuning loop's validation (`Validator`)."""
-    return Validator(valid, tokenizer, batch_size)
 
 
 def build_training_data(
