@@ -1,20 +1,27 @@
-"""Ingest: one interaction file becomes one batch. Stage it by COPY, type and classify every row
-(merge, duplicate, quarantine), validate with Great Expectations, then merge, quarantine and write
-the ledger in one transaction. A re-run of the same content is a no-op."""
+"""Ingest: one interaction file becomes one batch. Read it once, typing and classifying every row
+(merge or quarantine, with reasons) as it is read and staging the classified rows by COPY; then,
+in one transaction, merge them (repeats become duplicates or quarantined conflicts), quarantine
+the rest, validate with Great Expectations and write the ledger. A re-run of the same content is
+a no-op."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
+import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg
 from psycopg import sql
@@ -32,16 +39,23 @@ from recranker_core.datasets.sources import (
 from recranker_core.db.connect import connect
 from recranker_core.errors import DataError, ValidationFailed
 from recranker_core.interrupts import stop_reason
-from recranker_core.validation.rules import StagedColumns, classify_sql, resolve_repeats_sql
-from recranker_core.validation.suite import ExpectationOutcome, validate_staged, validate_table
+from recranker_core.validation.rules import StagedColumns, event_ts_sql, resolve_repeats_sql
+from recranker_core.validation.suite import ExpectationOutcome
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from recranker_core.validation.classify import Classified, Clock, Lookups
+    from recranker_core.validation.suite import StagedBounds, SuiteFacts
 
 log = logging.getLogger(__name__)
 
 STAGING_SCHEMA = "recranker_staging"
 _COPY_CHUNK = 1 << 20
 _LEDGER_LOCK = 7_310_002
-# The steps of an ingest, as IngestResult.seconds names them when each is done.
-_STAGES = ("hash", "stage", "classify", "validate", "merge", "validate_table")
+# The steps of an ingest, as IngestResult.seconds names them when each is done (the two suites'
+# own times are added as `validate` and `validate_table`, inside the merge).
+_STAGES = ("hash", "classify", "merge")
 
 
 @dataclass
@@ -140,13 +154,17 @@ def _ingest_file(
     started: datetime,
 ) -> IngestResult:
     timer = _Timer()
+    _import_gx_ahead()
     result.content_hash = content_hash = sha256_file(src.path)
     timer.lap(result, "hash")
-    with connect(database_url, autocommit=True, application_name="recranker-ingest") as conn:
+    with (
+        ExitStack() as scratch,
+        connect(database_url, autocommit=True, application_name="recranker-ingest") as conn,
+    ):
         conn.execute("SET TIME ZONE 'UTC'")
         # Sorts and hashes over a whole batch stay in memory instead of spilling to disk.
         conn.execute(sql.SQL("SET work_mem = {}").format(sql.Literal(settings.ingest.work_mem)))
-        # JIT compiles the classification for seconds and saves less than it costs here.
+        # JIT compiles the repeat resolution for seconds and saves less than it costs here.
         conn.execute("SET jit = off")
         sweep_staging(conn)
         previous = _merged_batch(conn, content_hash)
@@ -155,35 +173,17 @@ def _ingest_file(
         names = _StagingNames.new()
         try:
             try:
-                cols = _stage(conn, src, names, result)
-                timer.lap(result, "stage")
-                items, users = _stage_catalogue(conn, src, names)
-                # Row estimates for the classification's joins (hash, not sort-merge).
-                conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.staging)))
-                result.rows_read = _count(conn, names.staging)
+                catalogue = _stage_catalogue(conn, src, names)
+                staged = _stage(
+                    conn, src, names, result, settings, database_url, catalogue, scratch
+                )
+                result.rows_read = staged.rows
                 if result.rows_read == 0:
                     raise DataError(f"{src.path}: the file has a header but no data rows")
-                with conn.transaction():
-                    conn.execute(
-                        classify_sql(
-                            names.ident(names.staging),
-                            names.ident(names.items) if items else None,
-                            names.ident(names.classified),
-                            cols,
-                            settings.ingest,
-                        )
-                    )
-                    _mark_owner(conn, names.classified)
-                    conn.execute(sql.SQL("ANALYZE {}").format(names.ident(names.classified)))
                 timer.lap(result, "classify")
             except DataError as exc:
                 _record_rejection(conn, result, started, str(exc))
-            outcomes = validate_staged(
-                database_url, STAGING_SCHEMA, names.classified, settings.ingest
-            )
-            result.validation = [{"suite": "staged_batch", **o.as_row()} for o in outcomes]
-            timer.lap(result, "validate")
-            _merge(conn, result, names, cols, bool(items), bool(users), settings, started, outcomes)
+            _merge(conn, result, names, staged, catalogue, settings, started)
             timer.lap(result, "merge")
         except BaseException as exc:
             if stop_reason(exc) is not None:
@@ -197,10 +197,6 @@ def _ingest_file(
         return result
     if result.status == "rejected":
         raise ValidationFailed(result.error, result)
-    table = validate_table(database_url, settings.ingest)
-    _store_validation(database_url, result.batch_id, "table", "interactions_table", table)
-    result.validation += [{"suite": "interactions_table", **o.as_row()} for o in table]
-    timer.lap(result, "validate_table")
     log.info(result.summary())
     return result
 
@@ -214,6 +210,23 @@ def _exec(conn: psycopg.Connection, statement: Any, params: Any = None) -> psyco
         text = statement.as_string(conn) if isinstance(statement, sql.Composable) else statement
         log.info("%.1fs, %s rows: %s", took, cur.rowcount, " ".join(text.split())[:90])
     return cur
+
+
+_gx_lock = threading.Lock()
+_gx_import: threading.Thread | None = None
+
+
+def _import_gx_ahead() -> threading.Thread:
+    """Great Expectations' imports take seconds of one core, once per process: they run in a
+    thread from the start of the first ingest, while the file is read and merged."""
+    from recranker_core.validation.suite import import_gx
+
+    global _gx_import
+    with _gx_lock:
+        if _gx_import is None:
+            _gx_import = threading.Thread(target=import_gx, name="recranker-gx-import", daemon=True)
+            _gx_import.start()
+        return _gx_import
 
 
 class _Timer:
@@ -321,7 +334,7 @@ def _record_cancellation(
 ) -> None:
     """Record a stopped ingest as a cancelled batch (nothing merged, counts zero), unless its
     merge committed before the stop: then the ledger already says what happened."""
-    stage = next((s for s in _STAGES if s not in result.seconds), "validate_table")
+    stage = next((s for s in _STAGES if s not in result.seconds), "merge")
     try:
         with (
             connect(database_url, application_name="recranker-ingest") as conn,
@@ -417,12 +430,14 @@ _BLANK = b" \t\r\n\x0b\x0c"
 # A line that is only `\.` ends COPY's data in CSV mode (PostgreSQL before 18) and the rest of
 # the file would be dropped without a word: such a file is read line by line.
 _END_OF_DATA = re.compile(rb"\n\\\.\r?\n")
+# An empty line: a line break right after another (the first one is the carried-over byte).
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
 
 
 @dataclass(frozen=True)
 class _Layout:
     """What a pass over the bytes tells before staging: where the data ends (trailing blank lines
-    are not records), how many physical lines it has after the header, and whether COPY can be
+    are not records), how many physical lines it has after the header, and which reader can be
     trusted with it."""
 
     data_end: int
@@ -430,13 +445,20 @@ class _Layout:
     trailing_blank_lines: int
     has_no_quote_byte: bool
     has_end_of_data_line: bool
+    has_quote: bool = False
+    has_nul: bool = False
+    has_empty_line: bool = False  # an empty line among the data (COPY refuses it)
+    # Every line break is LF, or every one is CRLF (and no other CR): COPY and the fast reader
+    # then cut lines in the same places.
+    line_breaks_alike: bool = True
 
 
 def _scan(path: Path, chunk: int = 8 << 20) -> _Layout:
     header_end: int | None = None
     last_content = 0  # offset just after the last byte that is not blank
-    newlines = 0
-    no_quote = end_of_data = False
+    newlines = carriage_returns = crlf = 0
+    no_quote = end_of_data = quote = nul = False
+    first_empty: int | None = None  # offset of the line break before the first empty line
     carry = b"\n"
     offset = 0
     with path.open("rb") as fh:
@@ -447,24 +469,35 @@ def _scan(path: Path, chunk: int = 8 << 20) -> _Layout:
             if content:
                 last_content = offset + len(content)
             newlines += block.count(b"\n")
+            carriage_returns += block.count(b"\r")
+            crlf += block.count(b"\r\n") + (carry.endswith(b"\r") and block.startswith(b"\n"))
             no_quote = no_quote or _NO_QUOTE.encode() in block
+            quote = quote or b'"' in block
+            nul = nul or b"\x00" in block
             end_of_data = end_of_data or bool(_END_OF_DATA.search(carry + block))
+            if first_empty is None and (m := _EMPTY_LINE.search(carry + block, 1)):
+                first_empty = offset - len(carry) + m.start()
             carry = (carry + block)[-4:]
             offset += len(block)
         end_of_data = end_of_data or bool(_END_OF_DATA.search(carry + b"\n"))
+        alike = carriage_returns == 0 or carriage_returns == crlf == newlines
+        flags = {"has_quote": quote, "has_nul": nul, "line_breaks_alike": alike}
         if header_end is None or last_content <= header_end:
-            return _Layout(header_end or offset, 0, 0, no_quote, end_of_data)
+            return _Layout(header_end or offset, 0, 0, no_quote, end_of_data, **flags)
+        # An empty line before the last non-blank byte lies among the data (after it, it is one
+        # of the trailing blank lines).
+        flags["has_empty_line"] = first_empty is not None and first_empty < last_content
         # The data ends with the line break that follows its last non-blank byte; what comes
         # after it is blank lines.
         fh.seek(last_content)
         tail = fh.read()
     nl = tail.find(b"\n")
     if nl < 0:  # the last line has no line break
-        return _Layout(offset, newlines, 0, no_quote, end_of_data)
+        return _Layout(offset, newlines, 0, no_quote, end_of_data, **flags)
     blank = tail[nl + 1 :]
     blank_lines = blank.count(b"\n") + (1 if blank and not blank.endswith(b"\n") else 0)
     data_lines = newlines - 1 - blank.count(b"\n")
-    return _Layout(last_content + nl + 1, data_lines, blank_lines, no_quote, end_of_data)
+    return _Layout(last_content + nl + 1, data_lines, blank_lines, no_quote, end_of_data, **flags)
 
 
 def _staged_columns(header: Header, delimiter: str) -> StagedColumns:
@@ -491,20 +524,116 @@ def _staging_columns(ncols: int, first_line: int) -> sql.Composable:
     )
 
 
+# The classified rows: valid rows arrive with line, ids, rating and event_us only (the defaults
+# say 'merge' and no reasons); quarantined rows with line, outcome, reasons and raw.
+_CLASSIFIED_COLUMNS = sql.SQL(
+    """line bigint NOT NULL, user_id text COLLATE "C", item_id text COLLATE "C", rating real,
+       event_us bigint, outcome text NOT NULL DEFAULT 'merge',
+       reasons text[] NOT NULL DEFAULT '{}', raw text"""
+)
+
+
 class _ReadByLine(Exception):
-    """COPY's reading of the file cannot be trusted; the line-by-line reader takes over."""
+    """The fast reader cannot be trusted with the file; the line-by-line reader takes over."""
+
+
+@dataclass
+class _Reader:
+    """Where a file's records come from, as Arrow batches of text fields (columns line, c0, c1,
+    ..., parse_error, raw); `batches()` can be called again (the raw text of some rows is read a
+    second time on the rare paths that need it)."""
+
+    kind: str  # fast | staged | lines | parquet
+    batches: Callable[[], Iterator[pa.RecordBatch]]
+    cols: StagedColumns
+    layout: _Layout | None = None  # None for Parquet
+
+
+@dataclass
+class _Staged:
+    """What classification learnt while staging a file (all the merge needs without a rescan)."""
+
+    reader: _Reader
+    bounds: StagedBounds
+    facts: SuiteFacts
+    rows: int = 0
+    valid: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    # Per combination of reasons, its first line and that line's text.
+    examples: dict[int, tuple[int, str]] = field(default_factory=dict)
+    users: list[pa.Array] = field(default_factory=list)  # distinct ids of valid rows, per batch
+    items: list[pa.Array] = field(default_factory=list)
+
+    @property
+    def quarantined(self) -> int:
+        return self.rows - self.valid
+
+    def distinct(self, which: str) -> list[str]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        parts = self.users if which == "users" else self.items
+        if not parts:
+            return []
+        return pc.unique(pa.concat_arrays(parts)).to_pylist()
+
+    def described(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """Counts per reason and the first line of each reason combination (the first ten), as
+        _describe_quarantine gives them."""
+        from recranker_core.validation.classify import reasons_of_key
+
+        reasons = dict(sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        firsts = sorted((line, key, raw) for key, (line, raw) in self.examples.items())[:10]
+        examples = [
+            {"line": line, "reasons": reasons_of_key(key), "raw": raw[:200]}
+            for line, key, raw in firsts
+        ]
+        return reasons, examples
 
 
 def _stage(
-    conn: psycopg.Connection, src: SourceFile, names: _StagingNames, result: IngestResult
-) -> StagedColumns:
-    """COPY the file into a text staging table; lines COPY cannot take go through a slower
-    line-by-line reader that keeps each bad line with its reason."""
+    conn: psycopg.Connection,
+    src: SourceFile,
+    names: _StagingNames,
+    result: IngestResult,
+    settings: Settings,
+    database_url: str,
+    catalogue: _Catalogue,
+    scratch: ExitStack,
+) -> _Staged:
+    """Read the file once, classify each batch of rows as it comes and COPY the classified rows
+    into a staging table. A file the fast reader cannot be trusted with is read by PostgreSQL's
+    COPY (quoted CSV) or line by line, as before; the rules are the same for every reader."""
+    from recranker_core.validation.suite import StagedBounds
+
+    reader = _reader(conn, src, names, result, scratch)
+    with connect(database_url, autocommit=True, application_name="recranker-ingest") as lookup:
+        lookup.execute("SET TIME ZONE 'UTC'")
+        clock = _clock(lookup, settings)
+        lookups = _lookups(lookup, catalogue, settings)
+        bounds = StagedBounds.now(settings.ingest)
+        while True:
+            try:
+                with conn.transaction():
+                    _create_table(conn, names.classified, _CLASSIFIED_COLUMNS)
+                    return _classify_into(conn, names, reader, settings, clock, lookups, bounds)
+            except _ReadByLine as exc:
+                assert reader.layout is not None  # only the fast reader gives up midway
+                log.info("%s: %s; reading it line by line", src.path, exc)
+                reader = _line_reader(src, reader.cols, reader.layout)
+
+
+def _reader(
+    conn: psycopg.Connection,
+    src: SourceFile,
+    names: _StagingNames,
+    result: IngestResult,
+    scratch: ExitStack,
+) -> _Reader:
     if src.fmt == "parquet":
-        return _stage_parquet(conn, src, names)
+        return _parquet_reader(src)
     header = _read_header(src)
     cols = _staged_columns(header, src.delimiter)
-    by_line = _one_line_per_record(src)
     layout = _scan(src.path)
     result.trailing_blank_lines = layout.trailing_blank_lines
     if layout.trailing_blank_lines:
@@ -513,6 +642,123 @@ def _stage(
             src.path,
             layout.trailing_blank_lines,
         )
+    by_line = _one_line_per_record(src)
+    if layout.has_end_of_data_line:
+        log.info("%s: a line holds only \\., which COPY would take as the end", src.path)
+        return _line_reader(src, cols, layout)
+    if by_line and layout.has_no_quote_byte:
+        log.info("%s: the file holds the byte 0x01; reading it line by line", src.path)
+        return _line_reader(src, cols, layout)
+    if layout.has_nul:
+        log.info("%s: the file holds NUL bytes; reading it line by line", src.path)
+        return _line_reader(src, cols, layout)
+    if layout.has_empty_line:
+        log.info("%s: an empty line among the data; reading it line by line", src.path)
+        return _line_reader(src, cols, layout)
+    if (by_line or not layout.has_quote) and layout.line_breaks_alike:
+        return _fast_reader(src, cols, layout, by_line)
+    # Quoted CSV, or carriage returns COPY reads its own way: PostgreSQL's COPY decides.
+    return _copy_reader(conn, src, names, cols, layout, by_line, scratch)
+
+
+def _text_batch(
+    lines: Any, fields: list[Any], parse_error: Any = None, raw: Any = None
+) -> pa.RecordBatch:
+    """A batch as the classifier reads it (columns line, c0, c1, ..., parse_error, raw)."""
+    import pyarrow as pa
+
+    def text(values: Any) -> pa.Array:
+        return values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+
+    n = len(lines)
+    columns = [pa.array(lines, pa.int64())] + [text(f) for f in fields]
+    columns += [
+        pa.nulls(n, pa.string()) if parse_error is None else text(parse_error),
+        pa.nulls(n, pa.string()) if raw is None else text(raw),
+    ]
+    names = ["line"] + [f"c{i}" for i in range(len(fields))] + ["parse_error", "raw"]
+    return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _fast_reader(src: SourceFile, cols: StagedColumns, layout: _Layout, by_line: bool) -> _Reader:
+    """pyarrow's multi-threaded CSV reader over the file, without quoting: taken only where that
+    reads exactly what COPY reads (one record per line: a line format, or CSV without a quote
+    character) and every line break is the same. A line it cannot read (wrong field count, not
+    UTF-8, empty) sends the file to the line-by-line reader, as COPY's refusal did."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        names = [f"c{i}" for i in range(cols.count)]
+        with pa.memory_map(str(src.path)) as mapped:
+            data = mapped.read_buffer(layout.data_end)
+        line = 2
+        try:
+            reader = pacsv.open_csv(
+                pa.BufferReader(data),
+                read_options=pacsv.ReadOptions(
+                    column_names=names, skip_rows=1, block_size=16 << 20
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=cols.delimiter,
+                    quote_char=False,
+                    escape_char=False,
+                    newlines_in_values=False,
+                    ignore_empty_lines=False,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={name: pa.string() for name in names},
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                    null_values=[],
+                ),
+            )
+            for chunk in reader:
+                n = chunk.num_rows
+                yield _text_batch(np.arange(line, line + n), list(chunk.columns))
+                line += n
+        except pa.ArrowInvalid as exc:
+            raise _ReadByLine(str(exc).splitlines()[0]) from exc
+        if by_line and line - 2 != layout.data_lines:
+            # One record per line is the contract of these formats; never trust less.
+            raise _ReadByLine(f"read {line - 2:,} records from {layout.data_lines:,} lines")
+
+    return _Reader("fast", batches, cols, layout)
+
+
+def _line_reader(src: SourceFile, cols: StagedColumns, layout: _Layout) -> _Reader:
+    """Each physical line after the header on its own, with the reason of a line that cannot be
+    split (the slow reader of files COPY and the fast reader refuse)."""
+    by_line = _one_line_per_record(src)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        rows = _read_lines(src.path, src.delimiter, cols.count, by_line, layout.data_end)
+        while True:
+            block = [row for _, row in zip(range(1 << 16), rows, strict=False)]
+            if not block:
+                return
+            fields = [[r[1][i] if r[2] is None else None for r in block] for i in range(cols.count)]
+            yield _text_batch(
+                [r[0] for r in block], fields, [r[2] for r in block], [r[3] for r in block]
+            )
+
+    return _Reader("lines", batches, cols, layout)
+
+
+def _copy_reader(
+    conn: psycopg.Connection,
+    src: SourceFile,
+    names: _StagingNames,
+    cols: StagedColumns,
+    layout: _Layout,
+    by_line: bool,
+    scratch: ExitStack,
+) -> _Reader:
+    """PostgreSQL's COPY reads the file into a text staging table (RFC 4180 quoting, its own
+    line breaks), and the staged rows are read back into a local file; a file COPY refuses is
+    read line by line."""
     options = [sql.SQL("FORMAT csv, HEADER true, DELIMITER {}").format(sql.Literal(src.delimiter))]
     if by_line:
         options.append(sql.SQL("QUOTE {}").format(sql.Literal(_NO_QUOTE)))
@@ -521,10 +767,6 @@ def _stage(
         sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(cols.count)),
     )
     try:
-        if layout.has_end_of_data_line:
-            raise _ReadByLine("a line holds only \\., which COPY would take as the end")
-        if by_line and layout.has_no_quote_byte:
-            raise _ReadByLine("the file holds the byte 0x01")
         with conn.transaction():
             _create_table(conn, names.staging, _staging_columns(cols.count, 2))
             with (
@@ -539,50 +781,253 @@ def _stage(
                     copy.write(block)
                     left -= len(block)
             if by_line and (staged := _count(conn, names.staging)) != layout.data_lines:
-                # One record per line is the contract of these formats; never trust less.
                 raise _ReadByLine(f"COPY read {staged:,} records from {layout.data_lines:,} lines")
-        return cols
     except psycopg.errors.DataError as exc:
         log.info(
             "%s: COPY refused the file (%s); reading it line by line",
             src.path,
             str(exc).splitlines()[0],
         )
+        return _line_reader(src, cols, layout)
     except _ReadByLine as exc:
         log.info("%s: %s; reading it line by line", src.path, exc)
-    with conn.transaction():
-        _create_table(conn, names.staging, _staging_columns(cols.count, 2))
-        _stage_line_by_line(conn, src, names, cols.count, by_line, layout.data_end)
-    return cols
-
-
-def _stage_line_by_line(
-    conn: psycopg.Connection,
-    src: SourceFile,
-    names: _StagingNames,
-    ncols: int,
-    by_line: bool,
-    data_end: int,
-) -> None:
+        return _line_reader(src, cols, layout)
+    path = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="recranker-"))) / "s.csv"
     columns = sql.SQL(", ").join(
-        [sql.Identifier("line")]
-        + [sql.Identifier(f"c{i}") for i in range(ncols)]
-        + [sql.Identifier("parse_error"), sql.Identifier("raw")]
+        sql.Identifier(c)
+        for c in ["line", *(f"c{i}" for i in range(cols.count)), "parse_error", "raw"]
     )
-    empty = (None,) * ncols
     with (
+        path.open("wb") as out,
         conn.cursor() as cur,
         cur.copy(
-            sql.SQL("COPY {} ({}) FROM STDIN").format(_StagingNames.ident(names.staging), columns)
+            sql.SQL("COPY (SELECT {} FROM {} ORDER BY line) TO STDOUT (FORMAT csv)").format(
+                columns, _StagingNames.ident(names.staging)
+            )
         ) as copy,
     ):
-        for line_no, fields, error, raw in _read_lines(
-            src.path, src.delimiter, ncols, by_line, data_end
+        for data in copy:
+            out.write(data)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        column_names = ["line", *(f"c{i}" for i in range(cols.count)), "parse_error", "raw"]
+        types = {c: pa.string() for c in column_names}
+        types["line"] = pa.int64()
+        reader = pacsv.open_csv(
+            str(path),
+            read_options=pacsv.ReadOptions(column_names=column_names, block_size=16 << 20),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            # COPY writes NULL as an empty unquoted field and '' as "".
+            convert_options=pacsv.ConvertOptions(
+                column_types=types,
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        yield from (pa.RecordBatch.from_arrays(b.columns, names=column_names) for b in reader)
+
+    return _Reader("staged", batches, cols, layout)
+
+
+def _parquet_reader(src: SourceFile) -> _Reader:
+    """The four needed columns of a Parquet file as text, the way COPY used to receive them
+    (timestamps as unix seconds); line numbers count rows from 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pfile = pq.ParquetFile(src.path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{src.path}: not a readable Parquet file ({exc})") from exc
+    header = map_header(list(pfile.schema_arrow.names), str(src.path))
+    wanted = [
+        header.columns[header.positions[f]] for f in ("user_id", "item_id", "rating", "timestamp")
+    ]
+    cols = StagedColumns(user_id=0, item_id=1, rating=2, timestamp=3, count=4, delimiter=",")
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        line = 1
+        for batch in pq.ParquetFile(src.path).iter_batches(columns=wanted, batch_size=1 << 18):
+            arrays = list(batch.columns)
+            ts = arrays[3]
+            if pa.types.is_timestamp(ts.type):
+                # Unix seconds, the form the classifier reads fastest.
+                arrays[3] = pc.divide(
+                    pc.cast(pc.cast(ts, pa.timestamp("us", "UTC")), pa.int64()), 1_000_000.0
+                )
+            n = batch.num_rows
+            yield _text_batch(np.arange(line, line + n), [pc.cast(a, pa.string()) for a in arrays])
+            line += n
+
+    return _Reader("parquet", batches, cols)
+
+
+def _clock(lookup: psycopg.Connection, settings: Settings) -> Clock:
+    """The time bounds of valid events, from the database's clock and its reading of
+    ingest.min_event_ts (what the rules have always compared with)."""
+    from recranker_core.validation.classify import Clock
+
+    row = lookup.execute(
+        """SELECT (extract(epoch FROM now() + make_interval(secs => %s)) * 1000000)::bigint,
+                  (extract(epoch FROM %s::timestamptz) * 1000000)::bigint""",
+        (settings.ingest.future_tolerance_s, settings.ingest.min_event_ts),
+    ).fetchone()
+    assert row is not None
+    return Clock(max_us=int(row[0]), min_us=int(row[1]))
+
+
+def _lookups(lookup: psycopg.Connection, catalogue: _Catalogue, settings: Settings) -> Lookups:
+    """Item ids asked of recranker.items (and the batch's item file) once each; ISO 8601 text
+    typed by PostgreSQL's timestamptz input, as it always was."""
+    from recranker_core.validation.classify import Lookups
+
+    seen: dict[str, bool] = {}
+
+    def known_items(ids: list[str]) -> set[str]:
+        ask = [i for i in ids if i not in seen and i not in catalogue.item_ids]
+        if ask:
+            found = {
+                r[0]
+                for r in lookup.execute(
+                    "SELECT item_id FROM recranker.items WHERE item_id = ANY(%s)", (ask,)
+                )
+            }
+            seen.update((i, i in found) for i in ask)
+        return {i for i in ids if i in catalogue.item_ids or seen.get(i, False)}
+
+    def iso_micros(values: list[str]) -> list[int | None]:
+        rows = lookup.execute(
+            """SELECT (extract(epoch FROM recranker.try_timestamptz(v)) * 1000000)::bigint
+               FROM unnest(%s::text[]) WITH ORDINALITY AS t(v, n) ORDER BY n""",
+            (values,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    return Lookups(
+        known_items=None if settings.ingest.auto_create_items else known_items,
+        iso_micros=iso_micros,
+    )
+
+
+def _classify_into(
+    conn: psycopg.Connection,
+    names: _StagingNames,
+    reader: _Reader,
+    settings: Settings,
+    clock: Clock,
+    lookups: Lookups,
+    bounds: StagedBounds,
+) -> _Staged:
+    """Classify the reader's batches and COPY them into the classified table as they come: the
+    valid rows in one COPY that a worker thread feeds while the next batch is classified (two
+    cores: this process types rows while the server stores them); the quarantined rows after it."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    from psycopg.copy import QueuedLibpqWriter
+
+    from recranker_core.validation.classify import classify
+    from recranker_core.validation.suite import SuiteFacts, add_staged_facts
+
+    cols = reader.cols
+    positions = (cols.user_id, cols.item_id, cols.rating, cols.timestamp)
+    staged = _Staged(reader=reader, bounds=bounds, facts=SuiteFacts())
+    quarantine: list[pa.Table] = []
+    valid_copy = sql.SQL(
+        "COPY {} (line, user_id, item_id, rating, event_us) FROM STDIN (FORMAT csv)"
+    ).format(_StagingNames.ident(names.classified))
+    with conn.cursor() as cur, cur.copy(valid_copy, writer=QueuedLibpqWriter(cur)) as copy:
+        for batch in reader.batches():
+            classified = classify(batch, positions, cols.delimiter, settings.ingest, clock, lookups)
+            add_staged_facts(staged.facts, classified, settings.ingest, bounds)
+            bad = _tally(staged, classified)
+            if len(bad):
+                quarantine.append(bad)
+            if classified.valid.any():
+                copy.write(_valid_csv(classified))
+    if quarantine:
+        rows = io.BytesIO()
+        pacsv.write_csv(
+            pa.concat_tables(quarantine), rows, pacsv.WriteOptions(include_header=False)
+        )
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                sql.SQL("COPY {} (line, outcome, reasons, raw) FROM STDIN (FORMAT csv)").format(
+                    _StagingNames.ident(names.classified)
+                )
+            ) as copy,
         ):
-            if error is None:
-                copy.write_row((line_no, *fields, None, None))
-            else:
-                copy.write_row((line_no, *empty, error, raw))
+            copy.write(rows.getbuffer())
+    return staged
+
+
+def _tally(staged: _Staged, batch: Classified) -> pa.Table:
+    """Count one classified batch into `staged`; its quarantined rows (line, outcome, reasons as
+    a text[] literal, raw) for the COPY after the valid ones."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from recranker_core.validation.classify import REASON_NAMES, reasons_of_key
+
+    staged.rows += len(batch)
+    valid = pa.array(batch.valid)
+    staged.valid += int(batch.valid.sum())
+    staged.users.append(pc.unique(batch.user_id.filter(valid)))
+    staged.items.append(pc.unique(batch.item_id.filter(valid)))
+    bad = np.flatnonzero(~batch.valid)
+    if not len(bad):
+        return pa.table({})
+    counts = np.bincount(batch.codes[bad].ravel(), minlength=len(REASON_NAMES))
+    staged.reasons.update({REASON_NAMES[c]: int(n) for c, n in enumerate(counts) if c and n})
+    keys = batch.reason_keys()[bad]
+    distinct, first, which = np.unique(keys, return_index=True, return_inverse=True)
+    new = [k for k, key in enumerate(distinct) if int(key) not in staged.examples]
+    if new:
+        rows = bad[first[new]]
+        for key, line, raw in zip(
+            distinct[new], batch.line[rows], batch.raw_text(rows).to_pylist(), strict=True
+        ):
+            staged.examples[int(key)] = (int(line), raw)
+    literals = pa.array(["{" + ",".join(reasons_of_key(int(k))) + "}" for k in distinct])
+    return pa.table(
+        {
+            "line": pa.array(batch.line[bad]),
+            "outcome": pa.array(["quarantine"] * len(bad)),
+            "reasons": literals.take(pa.array(which.ravel())),
+            "raw": batch.raw_text(bad),
+        }
+    )
+
+
+def _valid_csv(batch: Classified) -> bytes:
+    """The valid rows of a batch as CSV for COPY."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    valid = pa.array(batch.valid)
+    table = pa.table(
+        {
+            "line": pa.array(batch.line).filter(valid),
+            "user_id": batch.user_id.filter(valid),
+            "item_id": batch.item_id.filter(valid),
+            "rating": batch.rating_text.filter(valid),
+            "event_us": batch.event_us.filter(valid),
+        }
+    )
+    # Quoting every id costs the writer and COPY; only ids holding a quote or a comma need it
+    # (a valid id holds no line break).
+    quoting = "needed" if batch.ids_need_quotes else "none"
+    out = io.BytesIO()
+    pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False, quoting_style=quoting))
+    return out.getvalue()
 
 
 def _read_lines(
@@ -620,54 +1065,19 @@ def _read_lines(
             yield line_no, fields, None, None
 
 
-def _stage_parquet(
-    conn: psycopg.Connection, src: SourceFile, names: _StagingNames
-) -> StagedColumns:
-    import io
+@dataclass(frozen=True)
+class _Catalogue:
+    """The batch's item and user files as staged: how many rows each had, and the item ids."""
 
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    try:
-        pfile = pq.ParquetFile(src.path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{src.path}: not a readable Parquet file ({exc})") from exc
-    header = map_header(list(pfile.schema_arrow.names), str(src.path))
-    wanted = [
-        header.columns[header.positions[f]] for f in ("user_id", "item_id", "rating", "timestamp")
-    ]
-    cols = StagedColumns(user_id=0, item_id=1, rating=2, timestamp=3, count=4, delimiter=",")
-    with conn.transaction():
-        _create_table(conn, names.staging, _staging_columns(4, 1))
-        target = sql.SQL("{} (c0, c1, c2, c3)").format(_StagingNames.ident(names.staging))
-        with (
-            conn.cursor() as cur,
-            cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT csv)").format(target)) as copy,
-        ):
-            for batch in pfile.iter_batches(columns=wanted, batch_size=200_000):
-                arrays = list(batch.columns)
-                ts = arrays[3]
-                if pa.types.is_timestamp(ts.type):
-                    # Unix seconds, the form the classifier reads fastest.
-                    arrays[3] = pc.divide(
-                        pc.cast(pc.cast(ts, pa.timestamp("us", "UTC")), pa.int64()), 1_000_000.0
-                    )
-                table = pa.table(
-                    [pc.cast(a, pa.string()) for a in arrays], names=["c0", "c1", "c2", "c3"]
-                )
-                buf = io.BytesIO()
-                pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
-                copy.write(buf.getvalue())
-    return cols
+    items: int = 0
+    users: int = 0
+    item_ids: frozenset[str] = frozenset()
 
 
-def _stage_catalogue(
-    conn: psycopg.Connection, src: SourceFile, names: _StagingNames
-) -> tuple[int, int]:
+def _stage_catalogue(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> _Catalogue:
     """Stage the batch's item and user files (small), so rows can refer to items they add."""
     n_items = n_users = 0
+    item_ids: frozenset[str] = frozenset()
     with conn.transaction():
         if src.items_path is not None:
             items = read_items(src.items_path)
@@ -690,6 +1100,7 @@ def _stage_catalogue(
                         (it.item_id, it.title, it.year, it.genres, json.dumps(it.attributes))
                     )
             n_items = len(items)
+            item_ids = frozenset(i.item_id for i in items)
         if src.users_path is not None:
             users = read_users(src.users_path)
             _create_table(conn, names.users, sql.SQL("user_id text PRIMARY KEY, attributes jsonb"))
@@ -702,7 +1113,7 @@ def _stage_catalogue(
                 for us in {u.user_id: u for u in users}.values():
                     copy.write_row((us.user_id, json.dumps(us.attributes)))
             n_users = len(users)
-    return n_items, n_users
+    return _Catalogue(n_items, n_users, item_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,12 +1187,10 @@ def _merge(
     conn: psycopg.Connection,
     result: IngestResult,
     names: _StagingNames,
-    cols: StagedColumns,
-    has_items: bool,
-    has_users: bool,
+    staged: _Staged,
+    catalogue: _Catalogue,
     settings: Settings,
     started: datetime,
-    outcomes: list[ExpectationOutcome],
 ) -> None:
     classified = _StagingNames.ident(names.classified)
     budget = settings.ingest.failure_budget
@@ -789,28 +1198,51 @@ def _merge(
         with conn.transaction():
             if not _lock_and_check(conn, result):
                 return
-            bad = _count_outcome(conn, classified, "quarantine")
-            if bad / result.rows_read > budget:
+            if staged.quarantined / result.rows_read > budget:
                 raise _OverBudget
             batch_id = result.batch_id = _insert_ledger(conn, result, started)
-            _insert_interactions(conn, classified, batch_id)
-            counts = dict(
-                _exec(
-                    conn,
-                    sql.SQL("SELECT outcome, count(*) FROM {} GROUP BY outcome").format(classified),
-                ).fetchall()
-            )
-            result.rows_quarantined = int(counts.get("quarantine", 0))
-            if result.rows_quarantined / result.rows_read > budget:
-                raise _OverBudget
-            result.rows_merged = int(counts.get("merge", 0))
-            result.rows_duplicate = int(counts.get("duplicate", 0))
-            _quarantine(conn, names, cols, batch_id, everything=False)
+            repeats = _insert_interactions(conn, classified, batch_id, staged.valid, settings)
+            if repeats:
+                counts = dict(
+                    _exec(
+                        conn,
+                        sql.SQL("SELECT outcome, count(*) FROM {} GROUP BY outcome").format(
+                            classified
+                        ),
+                    ).fetchall()
+                )
+                result.rows_quarantined = int(counts.get("quarantine", 0))
+                if result.rows_quarantined / result.rows_read > budget:
+                    raise _OverBudget
+                result.rows_merged = int(counts.get("merge", 0))
+                result.rows_duplicate = int(counts.get("duplicate", 0))
+                _fill_raw(conn, names, staged, everything=False)
+                _describe_quarantine(conn, result, names)
+            else:
+                # Nothing moved since classification: its counts and descriptions stand.
+                result.rows_merged, result.rows_duplicate = staged.valid, 0
+                result.rows_quarantined = staged.quarantined
+                result.reasons, result.examples = staged.described()
+            if result.rows_quarantined:
+                _quarantine(conn, names, batch_id, everything=False)
             result.items_upserted = _upsert_items(
-                conn, names, has_items, classified, batch_id, settings.ingest.auto_create_items
+                conn,
+                names,
+                catalogue.items > 0,
+                classified,
+                batch_id,
+                settings.ingest.auto_create_items,
+                None if repeats else staged.distinct("items"),
             )
-            result.users_upserted = _upsert_users(conn, names, has_users, classified, batch_id)
-            _describe_quarantine(conn, result, names, cols)
+            result.users_upserted = _upsert_users(
+                conn,
+                names,
+                catalogue.users > 0,
+                classified,
+                batch_id,
+                None if repeats else staged.distinct("users"),
+            )
+            outcomes = _validate(conn, result, staged, settings, table=True)
             _finish_ledger(conn, result, outcomes)
         return
     except _OverBudget:
@@ -819,17 +1251,47 @@ def _merge(
     with conn.transaction():
         if not _lock_and_check(conn, result):
             return
+        _exec(conn, sql.SQL("ANALYZE {}").format(classified))
         for statement in resolve_repeats_sql(classified):
             _exec(conn, statement)  # so that conflicts carry their reason too
         result.status = "rejected"
         batch_id = result.batch_id = _insert_ledger(conn, result, started)
         result.rows_merged = result.rows_duplicate = 0
         share = _count_outcome(conn, classified, "quarantine") / result.rows_read
-        _quarantine(conn, names, cols, batch_id, everything=True)
+        _fill_raw(conn, names, staged, everything=True)
+        _quarantine(conn, names, batch_id, everything=True)
         result.rows_quarantined = result.rows_read
-        _describe_quarantine(conn, result, names, cols)
+        _describe_quarantine(conn, result, names)
         result.error = _budget_message(result, share, budget)
+        outcomes = _validate(conn, result, staged, settings, table=False)
         _finish_ledger(conn, result, outcomes)
+
+
+def _validate(
+    conn: psycopg.Connection,
+    result: IngestResult,
+    staged: _Staged,
+    settings: Settings,
+    table: bool,
+) -> list[ExpectationOutcome]:
+    """The staged-batch suite (from the facts gathered while reading) and, for a merged batch,
+    the suite over the rows it merged; the latter's results are stored here, in the merge
+    transaction. Returns the staged suite's outcomes (_finish_ledger stores them)."""
+    from recranker_core.validation.suite import staged_outcomes, table_outcomes
+
+    t0 = time.perf_counter()
+    _import_gx_ahead().join()
+    outcomes = staged_outcomes(staged.facts, settings.ingest, staged.bounds)
+    result.validation = [{"suite": "staged_batch", **o.as_row()} for o in outcomes]
+    result.seconds["validate"] = round(time.perf_counter() - t0, 3)
+    if table:
+        assert result.batch_id is not None
+        t0 = time.perf_counter()
+        merged = table_outcomes(conn, result.batch_id, result.rows_merged, settings.ingest)
+        _insert_validation(conn, result.batch_id, "table", "interactions_table", merged)
+        result.validation += [{"suite": "interactions_table", **o.as_row()} for o in merged]
+        result.seconds["validate_table"] = round(time.perf_counter() - t0, 3)
+    return outcomes
 
 
 def _lock_and_check(conn: psycopg.Connection, result: IngestResult) -> bool:
@@ -854,9 +1316,10 @@ def _count_outcome(conn: psycopg.Connection, classified: sql.Identifier, outcome
 
 
 def _describe_quarantine(
-    conn: psycopg.Connection, result: IngestResult, names: _StagingNames, cols: StagedColumns
+    conn: psycopg.Connection, result: IngestResult, names: _StagingNames
 ) -> None:
-    """Counts per reason and the first line of each reason combination, for messages."""
+    """Counts per reason and the first line of each reason combination, for messages (from the
+    staged rows, after repeats were resolved)."""
     classified = _StagingNames.ident(names.classified)
     result.reasons = dict(
         _exec(
@@ -872,14 +1335,68 @@ def _describe_quarantine(
         for line, reasons, raw in _exec(
             conn,
             sql.SQL(
-                """SELECT q.line, q.reasons, {raw}
-               FROM (SELECT DISTINCT ON (reasons) line, reasons FROM {c}
+                """SELECT line, reasons, raw
+               FROM (SELECT DISTINCT ON (reasons) line, reasons, raw FROM {c}
                      WHERE outcome = 'quarantine' ORDER BY reasons, line) q
-               JOIN {s} s USING (line)
-               ORDER BY q.line LIMIT 10"""
-            ).format(c=classified, s=_StagingNames.ident(names.staging), raw=_raw_sql(cols)),
+               ORDER BY line LIMIT 10"""
+            ).format(c=classified),
         )
     ]
+
+
+def _fill_raw(
+    conn: psycopg.Connection, names: _StagingNames, staged: _Staged, everything: bool
+) -> None:
+    """Give the staged rows about to be quarantined without their text (rows found repeating
+    after classification, or every valid row of a rejected batch) the text of their line, read
+    from the file again: classification keeps only the quarantined rows' text."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from recranker_core.validation.classify import raw_lines
+
+    classified = _StagingNames.ident(names.classified)
+    which = sql.SQL("true" if everything else "outcome = 'quarantine'")
+    lines = np.array(
+        [
+            r[0]
+            for r in _exec(
+                conn,
+                sql.SQL("SELECT line FROM {} WHERE raw IS NULL AND {}").format(classified, which),
+            )
+        ],
+        dtype=np.int64,
+    )
+    if not len(lines):
+        return
+    _exec(conn, "CREATE TEMP TABLE recranker_raw (line bigint, raw text) ON COMMIT DROP")
+    with (
+        conn.cursor() as cur,
+        cur.copy("COPY recranker_raw (line, raw) FROM STDIN (FORMAT csv)") as copy,
+    ):
+        for batch in staged.reader.batches():
+            line = batch.column("line").to_numpy()
+            rows = np.flatnonzero(np.isin(line, lines))
+            if not len(rows):
+                continue
+            table = pa.table(
+                {
+                    "line": pa.array(line[rows]),
+                    "raw": raw_lines(batch, rows, staged.reader.cols.delimiter),
+                }
+            )
+            out = io.BytesIO()
+            pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False))
+            copy.write(out.getbuffer())
+    _exec(
+        conn,
+        sql.SQL(
+            "UPDATE {} c SET raw = r.raw FROM recranker_raw r "
+            "WHERE c.line = r.line AND c.raw IS NULL"
+        ).format(classified),
+    )
+    _exec(conn, "DROP TABLE recranker_raw")
 
 
 def _finish_ledger(
@@ -909,61 +1426,124 @@ def _finish_ledger(
 
 
 def _insert_interactions(
-    conn: psycopg.Connection, classified: sql.Identifier, batch_id: int
-) -> None:
-    """Insert the valid rows, resolving repeats only when there are any.
+    conn: psycopg.Connection,
+    classified: sql.Identifier,
+    batch_id: int,
+    merging: int,
+    settings: Settings,
+) -> bool:
+    """Insert the valid rows, resolving repeats only when there are any; True if there were.
 
     Most batches repeat nothing, so the insert is tried as is first: a plain insert into the
     primary key is about twice as fast as ON CONFLICT. A unique violation means some rows repeat
     a stored row or an earlier line; the insert is undone to its savepoint, those rows are marked
     duplicate or conflict, and the rest is inserted. The merge lock keeps the table still.
     """
-    insert = sql.SQL("""INSERT INTO recranker.interactions
-                            (user_id, item_id, rating, event_ts, batch_id)
-                        SELECT user_id, item_id, rating, event_ts, %s FROM {}
-                        WHERE outcome = 'merge'
-                        ORDER BY user_id COLLATE "C", item_id COLLATE "C", event_ts""").format(
-        classified
-    )
+    rules = settings.ingest
+    bulk = merging >= rules.bulk_load_min_rows and _stored_at_most(conn, merging)
     try:
         with conn.transaction():
-            _exec(conn, insert, (batch_id,))
-        return
+            _insert_valid(conn, classified, batch_id, bulk, rules.maintenance_work_mem)
+        return False
     except psycopg.errors.UniqueViolation:
         log.info("the batch repeats stored rows or its own lines; resolving the repeats")
+    # Row estimates for the joins of the resolution (hash, not sort-merge).
+    _exec(conn, sql.SQL("ANALYZE {}").format(classified))
     for statement in resolve_repeats_sql(classified):
         _exec(conn, statement)
+    _insert_valid(conn, classified, batch_id, bulk, rules.maintenance_work_mem)
+    return True
+
+
+def _insert_valid(
+    conn: psycopg.Connection,
+    classified: sql.Identifier,
+    batch_id: int,
+    bulk: bool,
+    maintenance_work_mem: str,
+) -> None:
+    """INSERT the staged rows whose outcome is merge. In bulk (a batch at least as large as the
+    table), the primary key is dropped and built again after the insert, in this transaction:
+    one sort of the table instead of a B-tree descent per row, and a duplicate still fails the
+    build with a unique violation. Otherwise rows go in key order, for the B-tree's locality."""
+    insert = sql.SQL(
+        """INSERT INTO recranker.interactions (user_id, item_id, rating, event_ts, batch_id)
+           SELECT user_id, item_id, rating, {event_ts}, %s FROM {c} c
+           WHERE outcome = 'merge'"""
+    ).format(c=classified, event_ts=event_ts_sql("c"))
+    key = _drop_primary_key(conn) if bulk else None
+    if key is None:
+        order = sql.SQL(' ORDER BY user_id COLLATE "C", item_id COLLATE "C", event_us')
+        _exec(conn, insert + order, (batch_id,))
+        return
     _exec(conn, insert, (batch_id,))
-
-
-def _raw_sql(cols: StagedColumns) -> sql.Composable:
-    """The staged line as text: kept verbatim for lines the reader could not split, rebuilt from
-    the fields otherwise (only ever computed for quarantined rows)."""
-    fields = sql.SQL(", ").join(
-        sql.SQL("coalesce(s.{}, '')").format(sql.Identifier(f"c{i}")) for i in range(cols.count)
+    conn.execute(
+        sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem))
     )
-    return sql.SQL("coalesce(s.raw, concat_ws({}, {}))").format(sql.Literal(cols.delimiter), fields)
+    name, definition = key
+    _exec(
+        conn,
+        sql.SQL("ALTER TABLE recranker.interactions ADD CONSTRAINT {} {}").format(
+            sql.Identifier(name), sql.SQL(definition)
+        ),
+    )
+
+
+def _stored_at_most(conn: psycopg.Connection, rows: int) -> bool:
+    """Whether recranker.interactions holds at most `rows` rows: the statistics' estimate, or a
+    count bounded by `rows` where there is none yet."""
+    row = conn.execute(
+        """SELECT greatest(c.reltuples, pg_stat_get_live_tuples(c.oid))::bigint
+           FROM pg_class c WHERE c.oid = 'recranker.interactions'::regclass"""
+    ).fetchone()
+    estimate = int(row[0]) if row else 0
+    if estimate > 0:
+        return estimate <= rows
+    counted = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM recranker.interactions LIMIT %s) s", (rows + 1,)
+    ).fetchone()
+    return counted is not None and int(counted[0]) <= rows
+
+
+def _drop_primary_key(conn: psycopg.Connection) -> tuple[str, str] | None:
+    """Lock recranker.interactions and drop its primary key (restored by the caller in the same
+    transaction); None, with nothing changed, when the table is in use by others for more than a
+    moment: readers are never kept waiting behind a bulk load."""
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            conn.execute("LOCK TABLE recranker.interactions IN ACCESS EXCLUSIVE MODE")
+    except psycopg.errors.LockNotAvailable:
+        log.info("recranker.interactions is in use; inserting into its primary key as it stands")
+        return None
+    conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+    row = conn.execute(
+        """SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+           WHERE conrelid = 'recranker.interactions'::regclass AND contype = 'p'"""
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        sql.SQL("ALTER TABLE recranker.interactions DROP CONSTRAINT {}").format(
+            sql.Identifier(row[0])
+        )
+    )
+    return str(row[0]), str(row[1])
 
 
 def _quarantine(
-    conn: psycopg.Connection,
-    names: _StagingNames,
-    cols: StagedColumns,
-    batch_id: int,
-    everything: bool,
+    conn: psycopg.Connection, names: _StagingNames, batch_id: int, everything: bool
 ) -> None:
     _exec(
         conn,
         sql.SQL("""INSERT INTO recranker.quarantine (batch_id, line, raw, reasons)
-                   SELECT %s, c.line, {raw},
-                          CASE WHEN cardinality(c.reasons) = 0 THEN ARRAY['batch_rejected']
-                               ELSE c.reasons END
-                   FROM {c} c JOIN {s} s USING (line)
+                   SELECT %s, line, raw,
+                          CASE WHEN cardinality(reasons) = 0 THEN ARRAY['batch_rejected']
+                               ELSE reasons END
+                   FROM {c}
                    WHERE {which}""").format(
-            raw=_raw_sql(cols),
             c=_StagingNames.ident(names.classified),
-            s=_StagingNames.ident(names.staging),
-            which=sql.SQL("true" if everything else "c.outcome = 'quarantine'"),
+            which=sql.SQL("true" if everything else "outcome = 'quarantine'"),
         ),
         (batch_id,),
     )
@@ -993,6 +1573,7 @@ def _upsert_items(
     classified: sql.Composable,
     batch_id: int,
     auto_create: bool,
+    merged_ids: list[str] | None,
 ) -> int:
     n = 0
     if has_items:
@@ -1014,21 +1595,35 @@ def _upsert_items(
             (batch_id,),
         ).rowcount
     if auto_create:
-        n += _insert_new_ids(conn, "items", "item_id", classified, batch_id)
+        n += _insert_new_ids(conn, "items", "item_id", classified, batch_id, merged_ids)
     return n
 
 
 def _insert_new_ids(
-    conn: psycopg.Connection, table: str, column: str, classified: sql.Composable, batch_id: int
+    conn: psycopg.Connection,
+    table: str,
+    column: str,
+    classified: sql.Composable,
+    batch_id: int,
+    merged_ids: list[str] | None,
 ) -> int:
-    """Create the users or items that merged rows name and the table does not have yet."""
+    """Create the users or items that merged rows name and the table does not have yet. The ids
+    come from classification when no row changed outcome since (no scan of the staged rows)."""
+    target = sql.Identifier("recranker", table)
+    col = sql.Identifier(column)
+    if merged_ids is not None:
+        return _exec(
+            conn,
+            sql.SQL("""INSERT INTO {table} ({col}, first_batch_id)
+                       SELECT v, %s::bigint FROM unnest(%s::text[]) v
+                       ON CONFLICT ({col}) DO NOTHING""").format(table=target, col=col),
+            (batch_id, merged_ids),
+        ).rowcount
     return _exec(
         conn,
         sql.SQL("""INSERT INTO {table} ({col}, first_batch_id)
                    SELECT DISTINCT {col}, %s::bigint FROM {c} WHERE outcome = 'merge'
-                   ON CONFLICT ({col}) DO NOTHING""").format(
-            table=sql.Identifier("recranker", table), col=sql.Identifier(column), c=classified
-        ),
+                   ON CONFLICT ({col}) DO NOTHING""").format(table=target, col=col, c=classified),
         (batch_id,),
     ).rowcount
 
@@ -1039,6 +1634,7 @@ def _upsert_users(
     has_users: bool,
     classified: sql.Composable,
     batch_id: int,
+    merged_ids: list[str] | None,
 ) -> int:
     n = 0
     if has_users:
@@ -1053,7 +1649,7 @@ def _upsert_users(
             ),
             (batch_id,),
         ).rowcount
-    return n + _insert_new_ids(conn, "users", "user_id", classified, batch_id)
+    return n + _insert_new_ids(conn, "users", "user_id", classified, batch_id, merged_ids)
 
 
 def _insert_validation(
@@ -1084,19 +1680,6 @@ def _insert_validation(
                 for o in outcomes
             ],
         )
-
-
-def _store_validation(
-    database_url: str,
-    batch_id: int | None,
-    stage: str,
-    suite: str,
-    outcomes: list[ExpectationOutcome],
-) -> None:
-    if batch_id is None:
-        return
-    with connect(database_url) as conn, conn.transaction():
-        _insert_validation(conn, batch_id, stage, suite, outcomes)
 
 
 def ledger(database_url: str, limit: int = 20) -> list[dict[str, Any]]:
