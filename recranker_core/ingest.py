@@ -6,6 +6,7 @@ a no-op."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -53,9 +54,10 @@ log = logging.getLogger(__name__)
 STAGING_SCHEMA = "recranker_staging"
 _COPY_CHUNK = 1 << 20
 _LEDGER_LOCK = 7_310_002
-# The steps of an ingest, as IngestResult.seconds names them when each is done (the two suites'
-# own times are added as `validate` and `validate_table`, inside the merge).
-_STAGES = ("hash", "classify", "merge")
+# The steps of an ingest, as IngestResult.seconds names them when each is done: the merge reads,
+# classifies and inserts in one pass. Parts of the merge are added as they end: `classify` (the
+# time spent typing rows), `key` (a primary key built again), `validate` and `validate_table`.
+_STAGES = ("hash", "stage", "merge")
 
 
 @dataclass
@@ -154,7 +156,6 @@ def _ingest_file(
     started: datetime,
 ) -> IngestResult:
     timer = _Timer()
-    _import_gx_ahead()
     result.content_hash = content_hash = sha256_file(src.path)
     timer.lap(result, "hash")
     with (
@@ -171,25 +172,25 @@ def _ingest_file(
         if previous is not None:
             return _already(result, previous)
         names = _StagingNames.new()
+        catalogue: _CatalogueStaging | None = None
         try:
             try:
-                catalogue = _stage_catalogue(conn, src, names)
-                staged = _stage(
-                    conn, src, names, result, settings, database_url, catalogue, scratch
+                catalogue = _CatalogueStaging(database_url, src, names, conn.info.backend_pid)
+                plan = _prepare(
+                    conn, src, names, result, settings, database_url, catalogue.item_ids, scratch
                 )
-                result.rows_read = staged.rows
-                if result.rows_read == 0:
-                    raise DataError(f"{src.path}: the file has a header but no data rows")
-                timer.lap(result, "classify")
+                timer.lap(result, "stage")
+                _merge(conn, result, names, plan, catalogue, settings, started)
             except DataError as exc:
                 _record_rejection(conn, result, started, str(exc))
-            _merge(conn, result, names, staged, catalogue, settings, started)
             timer.lap(result, "merge")
         except BaseException as exc:
             if stop_reason(exc) is not None:
                 _settle(conn)
             raise
         finally:
+            if catalogue is not None:
+                catalogue.wait()
             # Never let the clean-up hide what is propagating (a stop, above all): a table that
             # cannot be dropped now is swept by the next ingest.
             _drop_staging(conn, names)
@@ -283,19 +284,23 @@ def sweep_staging(conn: psycopg.Connection) -> list[str]:
     return dropped
 
 
-def _create_table(conn: psycopg.Connection, name: str, columns: sql.Composable) -> None:
-    """Create a staging table and mark it as this session's (call inside a transaction, so that
-    no committed staging table is ever without its owner)."""
+def _create_table(
+    conn: psycopg.Connection, name: str, columns: sql.Composable, owner: int | None = None
+) -> None:
+    """Create a staging table and mark it as this session's, or as the session `owner` (a
+    backend pid) when another connection works for it (call inside a transaction, so that no
+    committed staging table is ever without its owner)."""
     conn.execute(
         sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(_StagingNames.ident(name), columns)
     )
-    _mark_owner(conn, name)
+    _mark_owner(conn, name, owner)
 
 
-def _mark_owner(conn: psycopg.Connection, name: str) -> None:
+def _mark_owner(conn: psycopg.Connection, name: str, owner: int | None = None) -> None:
+    pid = conn.info.backend_pid if owner is None else owner
     conn.execute(
         sql.SQL("COMMENT ON TABLE {} IS {}").format(
-            _StagingNames.ident(name), sql.Literal(f"pid={conn.info.backend_pid}")
+            _StagingNames.ident(name), sql.Literal(f"pid={pid}")
         )
     )
 
@@ -551,7 +556,7 @@ class _Reader:
 
 @dataclass
 class _Staged:
-    """What classification learnt while staging a file (all the merge needs without a rescan)."""
+    """What classification learnt while reading a file (all the merge needs without a rescan)."""
 
     reader: _Reader
     bounds: StagedBounds
@@ -563,6 +568,9 @@ class _Staged:
     examples: dict[int, tuple[int, str]] = field(default_factory=dict)
     users: list[pa.Array] = field(default_factory=list)  # distinct ids of valid rows, per batch
     items: list[pa.Array] = field(default_factory=list)
+    # The quarantined rows (line, outcome, reasons as a text[] literal, raw), per batch.
+    quarantine: list[pa.Table] = field(default_factory=list)
+    classify_s: float = 0.0  # time spent typing and classifying
 
     @property
     def quarantined(self) -> int:
@@ -591,36 +599,65 @@ class _Staged:
         return reasons, examples
 
 
-def _stage(
+@dataclass
+class _Plan:
+    """How a file is read and classified, set up before the merge: the reader, the database's
+    answers (clock, item lookups, ISO 8601 text) and the bounds of the staged suite."""
+
+    src: SourceFile
+    reader: _Reader
+    clock: Clock
+    lookups: Lookups
+    bounds: StagedBounds
+    estimate: int  # at most this many rows: physical lines after the header, or Parquet rows
+
+    def read(self, conn: psycopg.Connection, work: Callable[[], _Staged]) -> _Staged:
+        """Run `work` (a pass over the reader's batches) in a savepoint; if the fast reader gives
+        up midway, undo it and run it again over the line-by-line reader."""
+        while True:
+            try:
+                with conn.transaction():
+                    return work()
+            except _ReadByLine as exc:
+                assert self.reader.layout is not None  # only the fast reader gives up midway
+                log.info("%s: %s; reading it line by line", self.src.path, exc)
+                self.reader = _line_reader(self.src, self.reader.cols, self.reader.layout)
+
+
+def _prepare(
     conn: psycopg.Connection,
     src: SourceFile,
     names: _StagingNames,
     result: IngestResult,
     settings: Settings,
     database_url: str,
-    catalogue: _Catalogue,
+    item_ids: frozenset[str],
     scratch: ExitStack,
-) -> _Staged:
-    """Read the file once, classify each batch of rows as it comes and COPY the classified rows
-    into a staging table. A file the fast reader cannot be trusted with is read by PostgreSQL's
-    COPY (quoted CSV) or line by line, as before; the rules are the same for every reader."""
+) -> _Plan:
+    """Choose the reader (a file the fast reader cannot be trusted with is read by PostgreSQL's
+    COPY, if quoted, or line by line, as before; the rules are the same for every reader) and
+    open the connection classification asks the database on."""
     from recranker_core.validation.suite import StagedBounds
 
     reader = _reader(conn, src, names, result, scratch)
-    with connect(database_url, autocommit=True, application_name="recranker-ingest") as lookup:
-        lookup.execute("SET TIME ZONE 'UTC'")
-        clock = _clock(lookup, settings)
-        lookups = _lookups(lookup, catalogue, settings)
-        bounds = StagedBounds.now(settings.ingest)
-        while True:
-            try:
-                with conn.transaction():
-                    _create_table(conn, names.classified, _CLASSIFIED_COLUMNS)
-                    return _classify_into(conn, names, reader, settings, clock, lookups, bounds)
-            except _ReadByLine as exc:
-                assert reader.layout is not None  # only the fast reader gives up midway
-                log.info("%s: %s; reading it line by line", src.path, exc)
-                reader = _line_reader(src, reader.cols, reader.layout)
+    lookup = scratch.enter_context(
+        connect(database_url, autocommit=True, application_name="recranker-ingest")
+    )
+    lookup.execute("SET TIME ZONE 'UTC'")
+    if reader.layout is not None:
+        estimate = reader.layout.data_lines
+    else:
+        import pyarrow.parquet as pq
+
+        estimate = pq.ParquetFile(src.path).metadata.num_rows
+    return _Plan(
+        src=src,
+        reader=reader,
+        clock=_clock(lookup, settings),
+        lookups=_lookups(lookup, item_ids, settings),
+        bounds=StagedBounds.now(settings.ingest),
+        estimate=estimate,
+    )
 
 
 def _reader(
@@ -883,7 +920,7 @@ def _clock(lookup: psycopg.Connection, settings: Settings) -> Clock:
     return Clock(max_us=int(row[0]), min_us=int(row[1]))
 
 
-def _lookups(lookup: psycopg.Connection, catalogue: _Catalogue, settings: Settings) -> Lookups:
+def _lookups(lookup: psycopg.Connection, item_ids: frozenset[str], settings: Settings) -> Lookups:
     """Item ids asked of recranker.items (and the batch's item file) once each; ISO 8601 text
     typed by PostgreSQL's timestamptz input, as it always was."""
     from recranker_core.validation.classify import Lookups
@@ -891,7 +928,7 @@ def _lookups(lookup: psycopg.Connection, catalogue: _Catalogue, settings: Settin
     seen: dict[str, bool] = {}
 
     def known_items(ids: list[str]) -> set[str]:
-        ask = [i for i in ids if i not in seen and i not in catalogue.item_ids]
+        ask = [i for i in ids if i not in seen and i not in item_ids]
         if ask:
             found = {
                 r[0]
@@ -900,7 +937,7 @@ def _lookups(lookup: psycopg.Connection, catalogue: _Catalogue, settings: Settin
                 )
             }
             seen.update((i, i in found) for i in ask)
-        return {i for i in ids if i in catalogue.item_ids or seen.get(i, False)}
+        return {i for i in ids if i in item_ids or seen.get(i, False)}
 
     def iso_micros(values: list[str]) -> list[int | None]:
         rows = lookup.execute(
@@ -917,44 +954,28 @@ def _lookups(lookup: psycopg.Connection, catalogue: _Catalogue, settings: Settin
 
 
 def _classify_into(
-    conn: psycopg.Connection,
-    names: _StagingNames,
-    reader: _Reader,
-    settings: Settings,
-    clock: Clock,
-    lookups: Lookups,
-    bounds: StagedBounds,
+    conn: psycopg.Connection, names: _StagingNames, plan: _Plan, settings: Settings
 ) -> _Staged:
-    """Classify the reader's batches and COPY them into the classified table as they come: the
-    valid rows in one COPY that a worker thread feeds while the next batch is classified (two
-    cores: this process types rows while the server stores them); the quarantined rows after it."""
+    """Classify the reader's batches into a staging table (the path of batches whose repeats are
+    resolved in SQL, and of rejected ones): the valid rows in one COPY that a worker thread
+    feeds while the next batch is classified, the quarantined rows after it."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     from psycopg.copy import QueuedLibpqWriter
 
-    from recranker_core.validation.classify import classify
-    from recranker_core.validation.suite import SuiteFacts, add_staged_facts
-
-    cols = reader.cols
-    positions = (cols.user_id, cols.item_id, cols.rating, cols.timestamp)
-    staged = _Staged(reader=reader, bounds=bounds, facts=SuiteFacts())
-    quarantine: list[pa.Table] = []
+    _create_table(conn, names.classified, _CLASSIFIED_COLUMNS)
+    staged = _new_staged(plan)
     valid_copy = sql.SQL(
         "COPY {} (line, user_id, item_id, rating, event_us) FROM STDIN (FORMAT csv)"
     ).format(_StagingNames.ident(names.classified))
     with conn.cursor() as cur, cur.copy(valid_copy, writer=QueuedLibpqWriter(cur)) as copy:
-        for batch in reader.batches():
-            classified = classify(batch, positions, cols.delimiter, settings.ingest, clock, lookups)
-            add_staged_facts(staged.facts, classified, settings.ingest, bounds)
-            bad = _tally(staged, classified)
-            if len(bad):
-                quarantine.append(bad)
+        for classified in _classified_batches(plan, settings, staged):
             if classified.valid.any():
                 copy.write(_valid_csv(classified))
-    if quarantine:
+    if staged.quarantine:
         rows = io.BytesIO()
         pacsv.write_csv(
-            pa.concat_tables(quarantine), rows, pacsv.WriteOptions(include_header=False)
+            pa.concat_tables(staged.quarantine), rows, pacsv.WriteOptions(include_header=False)
         )
         with (
             conn.cursor() as cur,
@@ -966,6 +987,33 @@ def _classify_into(
         ):
             copy.write(rows.getbuffer())
     return staged
+
+
+def _new_staged(plan: _Plan) -> _Staged:
+    from recranker_core.validation.suite import SuiteFacts
+
+    return _Staged(reader=plan.reader, bounds=plan.bounds, facts=SuiteFacts())
+
+
+def _classified_batches(plan: _Plan, settings: Settings, staged: _Staged) -> Iterator[Classified]:
+    """The reader's batches, typed and classified, each counted into `staged` (its quarantined
+    rows kept there) before it is handed on."""
+    from recranker_core.validation.classify import classify
+    from recranker_core.validation.suite import add_staged_facts
+
+    cols = plan.reader.cols
+    positions = (cols.user_id, cols.item_id, cols.rating, cols.timestamp)
+    for batch in plan.reader.batches():
+        t0 = time.perf_counter()
+        classified = classify(
+            batch, positions, cols.delimiter, settings.ingest, plan.clock, plan.lookups
+        )
+        add_staged_facts(staged.facts, classified, settings.ingest, plan.bounds)
+        bad = _tally(staged, classified)
+        if len(bad):
+            staged.quarantine.append(bad)
+        staged.classify_s += time.perf_counter() - t0
+        yield classified
 
 
 def _tally(staged: _Staged, batch: Classified) -> pa.Table:
@@ -1067,20 +1115,64 @@ def _read_lines(
 
 @dataclass(frozen=True)
 class _Catalogue:
-    """The batch's item and user files as staged: how many rows each had, and the item ids."""
+    """The batch's item and user files as staged: how many rows each had."""
 
     items: int = 0
     users: int = 0
-    item_ids: frozenset[str] = frozenset()
 
 
-def _stage_catalogue(conn: psycopg.Connection, src: SourceFile, names: _StagingNames) -> _Catalogue:
-    """Stage the batch's item and user files (small), so rows can refer to items they add."""
-    n_items = n_users = 0
-    item_ids: frozenset[str] = frozenset()
+class _CatalogueStaging:
+    """The batch's item and user files (small, but read row by row) staged by a worker thread on
+    its own connection while the merge inserts the rows. The item file is read first, here: the
+    classification needs its ids. The tables are marked as the ingest session's, so that another
+    ingest's sweep leaves them alone while it lives."""
+
+    def __init__(self, database_url: str, src: SourceFile, names: _StagingNames, owner: int):
+        self._items = read_items(src.items_path) if src.items_path is not None else None
+        self.item_ids = frozenset(i.item_id for i in self._items or ())
+        self._done: _Catalogue | None = None
+        self._error: BaseException | None = None
+
+        def stage() -> None:
+            try:
+                with connect(
+                    database_url, autocommit=True, application_name="recranker-ingest"
+                ) as conn:
+                    self._done = _stage_catalogue(conn, src, names, self._items, owner)
+            except BaseException as exc:  # noqa: BLE001 - handed to the ingest's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=stage, name="recranker-catalogue", daemon=True)
+
+    def start(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def result(self) -> _Catalogue:
+        """The staged catalogue; the user file's DataError, if it could not be read."""
+        self.start()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._done is not None
+        return self._done
+
+    def wait(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+
+
+def _stage_catalogue(
+    conn: psycopg.Connection,
+    src: SourceFile,
+    names: _StagingNames,
+    items: list[Any] | None,
+    owner: int,
+) -> _Catalogue:
+    """Stage the batch's item and user files, so rows can refer to items they add."""
+    n_users = 0
     with conn.transaction():
-        if src.items_path is not None:
-            items = read_items(src.items_path)
+        if items is not None:
             _create_table(
                 conn,
                 names.items,
@@ -1088,6 +1180,7 @@ def _stage_catalogue(conn: psycopg.Connection, src: SourceFile, names: _StagingN
                     "item_id text PRIMARY KEY, title text, year integer, genres text[], "
                     "attributes jsonb"
                 ),
+                owner,
             )
             with (
                 conn.cursor() as cur,
@@ -1099,11 +1192,11 @@ def _stage_catalogue(conn: psycopg.Connection, src: SourceFile, names: _StagingN
                     copy.write_row(
                         (it.item_id, it.title, it.year, it.genres, json.dumps(it.attributes))
                     )
-            n_items = len(items)
-            item_ids = frozenset(i.item_id for i in items)
         if src.users_path is not None:
             users = read_users(src.users_path)
-            _create_table(conn, names.users, sql.SQL("user_id text PRIMARY KEY, attributes jsonb"))
+            _create_table(
+                conn, names.users, sql.SQL("user_id text PRIMARY KEY, attributes jsonb"), owner
+            )
             with (
                 conn.cursor() as cur,
                 cur.copy(
@@ -1113,7 +1206,7 @@ def _stage_catalogue(conn: psycopg.Connection, src: SourceFile, names: _StagingN
                 for us in {u.user_id: u for u in users}.values():
                     copy.write_row((us.user_id, json.dumps(us.attributes)))
             n_users = len(users)
-    return _Catalogue(n_items, n_users, item_ids)
+    return _Catalogue(len(items or ()), n_users)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1168,7 +1261,9 @@ def _record_rejection(
     """A file that cannot be read at all: a rejected ledger row with the reason, then raise."""
     result.status = "rejected"
     result.error = error
-    result.rows_read = 0
+    result.rows_read = result.rows_merged = result.rows_duplicate = result.rows_quarantined = 0
+    result.items_upserted = result.users_upserted = 0
+    result.reasons, result.examples, result.validation = {}, [], []
     with conn.transaction():
         result.batch_id = _insert_ledger(conn, result, started)
         conn.execute(
@@ -1180,29 +1275,51 @@ def _record_rejection(
 
 
 class _OverBudget(Exception):
-    """Raised inside the merge transaction to undo it when repeats push a batch over budget."""
+    """Raised inside the merge transaction to undo it when a batch is over its failure budget."""
 
 
 def _merge(
     conn: psycopg.Connection,
     result: IngestResult,
     names: _StagingNames,
-    staged: _Staged,
-    catalogue: _Catalogue,
+    plan: _Plan,
+    catalogue: _CatalogueStaging,
     settings: Settings,
     started: datetime,
 ) -> None:
-    classified = _StagingNames.ident(names.classified)
-    budget = settings.ingest.failure_budget
+    """Read, classify and merge the file in one transaction, then quarantine, validate and write
+    the ledger in it; a rejected batch is recorded by another one.
+
+    The rows go straight from classification into the table: the server inserts each batch
+    while the next one is classified. Repeats of stored rows or of earlier lines make the insert
+    fail; it is undone, the file is classified again into a staging table, and the repeats are
+    resolved in SQL. An empty file, or a user or item file that cannot be read, raises
+    DataError (the transaction undone): the file is rejected as one that cannot be read.
+    """
+    rules = settings.ingest
+    budget = rules.failure_budget
     try:
         with conn.transaction():
             if not _lock_and_check(conn, result):
                 return
-            if staged.quarantined / result.rows_read > budget:
-                raise _OverBudget
             batch_id = result.batch_id = _insert_ledger(conn, result, started)
-            repeats = _insert_interactions(conn, classified, batch_id, staged.valid, settings)
+            bulk = plan.estimate >= rules.bulk_load_min_rows and _stored_at_most(
+                conn, plan.estimate
+            )
+            try:
+                staged = plan.read(
+                    conn, lambda: _stream(conn, plan, batch_id, settings, bulk, catalogue, result)
+                )
+                repeats = False
+            except psycopg.errors.UniqueViolation:
+                log.info("the batch repeats stored rows or its own lines; resolving the repeats")
+                staged = plan.read(conn, lambda: _classify_into(conn, names, plan, settings))
+                _count_rows(result, staged, plan)
+                _resolve_and_insert(conn, names, batch_id, bulk, rules.maintenance_work_mem)
+                repeats = True
+            _count_rows(result, staged, plan)
             if repeats:
+                classified = _StagingNames.ident(names.classified)
                 counts = dict(
                     _exec(
                         conn,
@@ -1218,26 +1335,31 @@ def _merge(
                 result.rows_duplicate = int(counts.get("duplicate", 0))
                 _fill_raw(conn, names, staged, everything=False)
                 _describe_quarantine(conn, result, names)
+                if result.rows_quarantined:
+                    _quarantine(conn, names, batch_id, everything=False)
             else:
                 # Nothing moved since classification: its counts and descriptions stand.
+                if staged.quarantined / result.rows_read > budget:
+                    raise _OverBudget
                 result.rows_merged, result.rows_duplicate = staged.valid, 0
                 result.rows_quarantined = staged.quarantined
                 result.reasons, result.examples = staged.described()
-            if result.rows_quarantined:
-                _quarantine(conn, names, batch_id, everything=False)
+                _write_quarantine(conn, batch_id, staged)
+            files = catalogue.result()
+            classified = _StagingNames.ident(names.classified)
             result.items_upserted = _upsert_items(
                 conn,
                 names,
-                catalogue.items > 0,
+                files.items > 0,
                 classified,
                 batch_id,
-                settings.ingest.auto_create_items,
+                rules.auto_create_items,
                 None if repeats else staged.distinct("items"),
             )
             result.users_upserted = _upsert_users(
                 conn,
                 names,
-                catalogue.users > 0,
+                files.users > 0,
                 classified,
                 batch_id,
                 None if repeats else staged.distinct("users"),
@@ -1247,10 +1369,16 @@ def _merge(
         return
     except _OverBudget:
         pass
-    # Rejected: a fresh transaction records the batch with every row in quarantine.
+    # Rejected: a fresh transaction records the batch with every row in quarantine (unless its
+    # user or item file cannot be read: then that is what is wrong with it).
+    _after_reading(catalogue)
+    catalogue.result()
     with conn.transaction():
         if not _lock_and_check(conn, result):
             return
+        staged = plan.read(conn, lambda: _classify_into(conn, names, plan, settings))
+        _count_rows(result, staged, plan)
+        classified = _StagingNames.ident(names.classified)
         _exec(conn, sql.SQL("ANALYZE {}").format(classified))
         for statement in resolve_repeats_sql(classified):
             _exec(conn, statement)  # so that conflicts carry their reason too
@@ -1265,6 +1393,200 @@ def _merge(
         result.error = _budget_message(result, share, budget)
         outcomes = _validate(conn, result, staged, settings, table=False)
         _finish_ledger(conn, result, outcomes)
+
+
+def _count_rows(result: IngestResult, staged: _Staged, plan: _Plan) -> None:
+    result.rows_read = staged.rows
+    result.seconds["classify"] = round(staged.classify_s, 3)
+    if result.rows_read == 0:
+        raise DataError(f"{plan.src.path}: the file has a header but no data rows")
+
+
+def _after_reading(catalogue: _CatalogueStaging) -> None:
+    """Start what the end of the merge needs and takes seconds of Python: staging the batch's
+    user and item files, importing Great Expectations. Both run in threads while the server
+    finishes (building the primary key, above all)."""
+    catalogue.start()
+    _import_gx_ahead()
+
+
+def _stream(
+    conn: psycopg.Connection,
+    plan: _Plan,
+    batch_id: int,
+    settings: Settings,
+    bulk: bool,
+    catalogue: _CatalogueStaging,
+    result: IngestResult,
+) -> _Staged:
+    """Classify the file batch by batch and INSERT each batch's valid rows into
+    recranker.interactions on a worker thread while the next batch is classified; quarantined
+    rows are kept for later. In bulk, the primary key is dropped first and built again at the
+    end (a repeat fails that build). A batch found over its failure budget midway stops here."""
+    budget = settings.ingest.failure_budget
+    staged = _new_staged(plan)
+    key = _drop_primary_key(conn) if bulk else None
+    statement = _insert_statement(ordered=key is None)
+    _register_binary_dumpers(conn)
+    with _Inserter(conn) as inserter:
+        for classified in _classified_batches(plan, settings, staged):
+            # Rows read never outnumber the estimate: past this, the batch is over budget.
+            if staged.quarantined > budget * plan.estimate:
+                raise _OverBudget
+            if classified.valid.any():
+                inserter.submit(statement, _insert_params(classified, batch_id))
+        inserter.wait()
+    _after_reading(catalogue)
+    if key is not None:
+        t0 = time.perf_counter()
+        _add_primary_key(conn, key, settings.ingest.maintenance_work_mem)
+        result.seconds["key"] = round(time.perf_counter() - t0, 3)
+    return staged
+
+
+class _Inserter:
+    """Runs the merge's INSERTs on a worker thread, one batch behind classification: the server
+    inserts a batch while this process types the next (two cores busy, not one then the other).
+    Nothing else uses the connection meanwhile. Leaving on an exception (a stop, above all)
+    cancels the statement in flight."""
+
+    def __init__(self, conn: psycopg.Connection):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._conn = conn
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="recranker-insert")
+        self._pending: Any = None
+
+    def submit(self, statement: sql.Composable, params: tuple[Any, ...]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(_exec, self._conn, statement, params)
+
+    def wait(self) -> None:
+        """Wait for the INSERT in flight; its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _Inserter:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is not None and self._pending is not None:
+                if not self._pending.done():
+                    try:
+                        self._conn.cancel_safe(timeout=5.0)
+                    except psycopg.Error as error:
+                        log.warning("could not cancel the INSERT in flight: %s", error)
+                # The exception leaving is the one to see, not the cancelled statement's.
+                with contextlib.suppress(BaseException):
+                    self._pending.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _insert_statement(ordered: bool) -> sql.Composable:
+    """The INSERT of one batch's valid rows, passed as columns: ids as text cut at line breaks
+    (a valid id holds none), ratings and times as binary arrays. Row by row into the primary
+    key, the rows go in key order, for the B-tree's locality."""
+    statement: sql.Composable = sql.SQL(
+        """INSERT INTO recranker.interactions (user_id, item_id, rating, event_ts, batch_id)
+           SELECT u, i, r, t, %b
+           FROM ROWS FROM (string_to_table(%b, E'\\n'), string_to_table(%b, E'\\n'),
+                           unnest(%b), unnest(%b)) AS x(u, i, r, t)"""
+    )
+    if ordered:
+        statement += sql.SQL(' ORDER BY u COLLATE "C", i COLLATE "C", t')
+    return statement
+
+
+class _Binary(bytes):
+    """A parameter already in PostgreSQL's binary form (its class's dumper names the type)."""
+
+
+class _BinaryText(_Binary):
+    oid = 25  # text
+
+
+class _BinaryFloat4Array(_Binary):
+    oid = 1021  # real[]
+
+
+class _BinaryTimestamptzArray(_Binary):
+    oid = 1185  # timestamptz[]
+
+
+def _register_binary_dumpers(conn: psycopg.Connection) -> None:
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    for cls in (_BinaryText, _BinaryFloat4Array, _BinaryTimestamptzArray):
+        dumper = type(
+            f"{cls.__name__}Dumper",
+            (Dumper,),
+            {"format": Format.BINARY, "oid": cls.oid, "dump": lambda self, obj: obj},
+        )
+        conn.adapters.register_dumper(cls, dumper)
+
+
+def _insert_params(batch: Classified, batch_id: int) -> tuple[Any, ...]:
+    """The valid rows of a batch as _insert_statement's parameters."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    valid = pa.array(batch.valid)
+
+    def lines(ids: pa.Array) -> _BinaryText:
+        kept = ids.filter(valid)
+        one = pa.ListArray.from_arrays(pa.array([0, len(kept)], pa.int32()), kept)
+        return _BinaryText(pc.binary_join(one, "\n")[0].as_buffer().to_pybytes())
+
+    def array(values: Any, element_oid: int, dtype: str) -> bytes:
+        n = len(values)
+        body = np.empty(n, dtype=[("size", ">i4"), ("value", dtype)])
+        body["size"] = np.dtype(dtype).itemsize
+        body["value"] = values
+        # ndim 1, no nulls, element type, length, lower bound 1; then (size, value) per element.
+        return np.array([1, 0, element_oid, n, 1], dtype=">i4").tobytes() + body.tobytes()
+
+    ratings = batch.rating.filter(valid).to_numpy(zero_copy_only=False).astype(np.float32)
+    # timestamptz counts microseconds from 2000-01-01.
+    micros = batch.event_us.filter(valid).to_numpy(zero_copy_only=False) - 946_684_800_000_000
+    return (
+        batch_id,
+        lines(batch.user_id),
+        lines(batch.item_id),
+        _BinaryFloat4Array(array(ratings, 700, ">f4")),
+        _BinaryTimestamptzArray(array(micros, 1184, ">i8")),
+    )
+
+
+def _write_quarantine(conn: psycopg.Connection, batch_id: int, staged: _Staged) -> None:
+    """COPY the quarantined rows kept by classification into recranker.quarantine."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if not staged.quarantine:
+        return
+    rows = pa.concat_tables(staged.quarantine)
+    table = pa.table(
+        {
+            "batch_id": pa.array([batch_id] * len(rows), pa.int64()),
+            "line": rows["line"],
+            "raw": rows["raw"],
+            "reasons": rows["reasons"],
+        }
+    )
+    out = io.BytesIO()
+    pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False))
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY recranker.quarantine (batch_id, line, raw, reasons) FROM STDIN (FORMAT csv)"
+        ) as copy,
+    ):
+        copy.write(out.getbuffer())
 
 
 def _validate(
@@ -1425,47 +1747,20 @@ def _finish_ledger(
     _insert_validation(conn, result.batch_id, "staged", "staged_batch", outcomes)
 
 
-def _insert_interactions(
+def _resolve_and_insert(
     conn: psycopg.Connection,
-    classified: sql.Identifier,
-    batch_id: int,
-    merging: int,
-    settings: Settings,
-) -> bool:
-    """Insert the valid rows, resolving repeats only when there are any; True if there were.
-
-    Most batches repeat nothing, so the insert is tried as is first: a plain insert into the
-    primary key is about twice as fast as ON CONFLICT. A unique violation means some rows repeat
-    a stored row or an earlier line; the insert is undone to its savepoint, those rows are marked
-    duplicate or conflict, and the rest is inserted. The merge lock keeps the table still.
-    """
-    rules = settings.ingest
-    bulk = merging >= rules.bulk_load_min_rows and _stored_at_most(conn, merging)
-    try:
-        with conn.transaction():
-            _insert_valid(conn, classified, batch_id, bulk, rules.maintenance_work_mem)
-        return False
-    except psycopg.errors.UniqueViolation:
-        log.info("the batch repeats stored rows or its own lines; resolving the repeats")
-    # Row estimates for the joins of the resolution (hash, not sort-merge).
-    _exec(conn, sql.SQL("ANALYZE {}").format(classified))
-    for statement in resolve_repeats_sql(classified):
-        _exec(conn, statement)
-    _insert_valid(conn, classified, batch_id, bulk, rules.maintenance_work_mem)
-    return True
-
-
-def _insert_valid(
-    conn: psycopg.Connection,
-    classified: sql.Identifier,
+    names: _StagingNames,
     batch_id: int,
     bulk: bool,
     maintenance_work_mem: str,
 ) -> None:
-    """INSERT the staged rows whose outcome is merge. In bulk (a batch at least as large as the
-    table), the primary key is dropped and built again after the insert, in this transaction:
-    one sort of the table instead of a B-tree descent per row, and a duplicate still fails the
-    build with a unique violation. Otherwise rows go in key order, for the B-tree's locality."""
+    """Mark the staged rows that repeat a stored row or an earlier line as duplicates or
+    conflicts, then INSERT the rest. The merge lock keeps the table still meanwhile."""
+    classified = _StagingNames.ident(names.classified)
+    # Row estimates for the joins of the resolution (hash, not sort-merge).
+    _exec(conn, sql.SQL("ANALYZE {}").format(classified))
+    for statement in resolve_repeats_sql(classified):
+        _exec(conn, statement)
     insert = sql.SQL(
         """INSERT INTO recranker.interactions (user_id, item_id, rating, event_ts, batch_id)
            SELECT user_id, item_id, rating, {event_ts}, %s FROM {c} c
@@ -1477,6 +1772,14 @@ def _insert_valid(
         _exec(conn, insert + order, (batch_id,))
         return
     _exec(conn, insert, (batch_id,))
+    _add_primary_key(conn, key, maintenance_work_mem)
+
+
+def _add_primary_key(
+    conn: psycopg.Connection, key: tuple[str, str], maintenance_work_mem: str
+) -> None:
+    """Build the primary key dropped by _drop_primary_key again (one sort of the table; a
+    repeat fails it with a unique violation)."""
     conn.execute(
         sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem))
     )
