@@ -4,8 +4,9 @@ The reference is the former ingest, kept here: staging by COPY (line by line whe
 or cannot be trusted), the SQL classification, and Great Expectations' own SQL rescan of the
 classified rows. For every file, both must give the same quarantine (lines, reasons, text), the
 same merged rows (ids, rating, timestamp to the microsecond), the same ledger counts and the
-same staged-suite results; and the bulk merge (primary key dropped and rebuilt) the same as the
-row-by-row one, repeats included."""
+same staged-suite results, on the streamed path (rows inserted as they are classified) and on
+the staged one (a rejected batch); and the bulk merge (primary key dropped and rebuilt) the same
+as the row-by-row one, repeats included."""
 
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ class Expected:
     quarantine: dict[int, tuple[list[str], str]]
     merged: set[tuple[str, str, float, Any]]
     staged_suite: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[int, str] = field(default_factory=dict)  # every staged line's text
 
 
 def reference(conn: psycopg.Connection, url: str, src: Any, rules: IngestSettings) -> Expected:
@@ -266,6 +268,11 @@ def reference(conn: psycopg.Connection, url: str, src: Any, rules: IngestSetting
                 ).format(raw, sql.Identifier(classified), sql.Identifier(staging))
             )
         }
+        every = dict(
+            conn.execute(
+                sql.SQL("SELECT s.line, {} FROM {} s").format(raw, sql.Identifier(staging))
+            ).fetchall()
+        )
         merged = set(
             conn.execute(
                 sql.SQL(
@@ -274,7 +281,7 @@ def reference(conn: psycopg.Connection, url: str, src: Any, rules: IngestSetting
             ).fetchall()
         )
         suite = gx_rescan(url, classified, rules)
-        return Expected(quarantine, merged, suite)
+        return Expected(quarantine, merged, suite, every)
     finally:
         for table in (staging, classified, items):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
@@ -641,6 +648,35 @@ def test_same_outcome_as_the_reference_path(
             _count_reasons(expected.quarantine).items(),
             key=lambda kv: (-kv[1], kv[0]),
         )
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_rejected_batch_quarantines_as_the_reference_path(
+    case: Case, tmp_path: Path, settings: Settings, clean_db: str
+) -> None:
+    """With no failure budget, every file with a bad row is rejected: the staged path (the rows
+    classified into a staging table) keeps every line, the bad ones with the reference's reasons
+    and all with the reference's text."""
+    strict = settings_for(settings, case, failure_budget=0.0)
+    path = write_case(tmp_path / "case", case)
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        expected = reference(conn, clean_db, describe_file(path, case.fmt), strict.ingest)
+    result = run(path, strict, clean_db, case.fmt)
+    quarantine, merged, ledger = outcome_of(clean_db, result)
+    if not expected.quarantine:
+        assert result.status == "merged"
+        return
+    assert result.status == "rejected" and merged == set()
+    n = len(expected.raw)
+    assert ledger == ("rejected", n, 0, 0, n)
+    assert {line: raw for line, (_, raw) in quarantine.items()} == expected.raw
+    assert {line: r for line, (r, _) in quarantine.items() if r != ["batch_rejected"]} == {
+        line: r for line, (r, _) in expected.quarantine.items()
+    }
+    assert result.reasons == dict(
+        sorted(_count_reasons(expected.quarantine).items(), key=lambda kv: (-kv[1], kv[0]))
     )
 
 
