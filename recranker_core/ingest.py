@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 STAGING_SCHEMA = "recranker_staging"
 _COPY_CHUNK = 1 << 20
+# Bytes of a file per batch: small enough that the first batch is soon inserted and the server
+# and this process take turns often, large enough that a statement's overhead does not count.
+_READ_BLOCK = 4 << 20
 _LEDGER_LOCK = 7_310_002
 # The steps of an ingest, as IngestResult.seconds names them when each is done: the merge reads,
 # classifies and inserts in one pass. Parts of the merge are added as they end: `classify` (the
@@ -736,7 +739,7 @@ def _fast_reader(src: SourceFile, cols: StagedColumns, layout: _Layout, by_line:
             reader = pacsv.open_csv(
                 pa.BufferReader(data),
                 read_options=pacsv.ReadOptions(
-                    column_names=names, skip_rows=1, block_size=16 << 20
+                    column_names=names, skip_rows=1, block_size=_READ_BLOCK
                 ),
                 parse_options=pacsv.ParseOptions(
                     delimiter=cols.delimiter,
@@ -855,7 +858,7 @@ def _copy_reader(
         types["line"] = pa.int64()
         reader = pacsv.open_csv(
             str(path),
-            read_options=pacsv.ReadOptions(column_names=column_names, block_size=16 << 20),
+            read_options=pacsv.ReadOptions(column_names=column_names, block_size=_READ_BLOCK),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
             # COPY writes NULL as an empty unquoted field and '' as "".
             convert_options=pacsv.ConvertOptions(
@@ -1115,10 +1118,17 @@ def _read_lines(
 
 @dataclass(frozen=True)
 class _Catalogue:
-    """The batch's item and user files as staged: how many rows each had."""
+    """The batch's item and user files as staged: how many rows each had, and the ids of each
+    (upserted from the files, so rows naming them need not create them)."""
 
     items: int = 0
     users: int = 0
+    item_ids: frozenset[str] = frozenset()
+    user_ids: frozenset[str] = frozenset()
+
+    def new(self, which: str, ids: list[str]) -> list[str]:
+        known = self.user_ids if which == "users" else self.item_ids
+        return [i for i in ids if i not in known]
 
 
 class _CatalogueStaging:
@@ -1171,6 +1181,7 @@ def _stage_catalogue(
 ) -> _Catalogue:
     """Stage the batch's item and user files, so rows can refer to items they add."""
     n_users = 0
+    user_ids: frozenset[str] = frozenset()
     with conn.transaction():
         if items is not None:
             _create_table(
@@ -1203,10 +1214,13 @@ def _stage_catalogue(
                     sql.SQL("COPY {} FROM STDIN").format(_StagingNames.ident(names.users))
                 ) as copy,
             ):
-                for us in {u.user_id: u for u in users}.values():
+                by_id = {u.user_id: u for u in users}
+                for us in by_id.values():
                     copy.write_row((us.user_id, json.dumps(us.attributes)))
             n_users = len(users)
-    return _Catalogue(len(items or ()), n_users)
+            user_ids = frozenset(by_id)
+    item_ids = frozenset(i.item_id for i in items or ())
+    return _Catalogue(len(items or ()), n_users, item_ids, user_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1298,6 +1312,7 @@ def _merge(
     """
     rules = settings.ingest
     budget = rules.failure_budget
+    _start_helpers(catalogue)
     try:
         with conn.transaction():
             if not _lock_and_check(conn, result):
@@ -1308,7 +1323,7 @@ def _merge(
             )
             try:
                 staged = plan.read(
-                    conn, lambda: _stream(conn, plan, batch_id, settings, bulk, catalogue, result)
+                    conn, lambda: _stream(conn, plan, batch_id, settings, bulk, result)
                 )
                 repeats = False
             except psycopg.errors.UniqueViolation:
@@ -1354,7 +1369,7 @@ def _merge(
                 classified,
                 batch_id,
                 rules.auto_create_items,
-                None if repeats else staged.distinct("items"),
+                None if repeats else files.new("items", staged.distinct("items")),
             )
             result.users_upserted = _upsert_users(
                 conn,
@@ -1362,7 +1377,7 @@ def _merge(
                 files.users > 0,
                 classified,
                 batch_id,
-                None if repeats else staged.distinct("users"),
+                None if repeats else files.new("users", staged.distinct("users")),
             )
             outcomes = _validate(conn, result, staged, settings, table=True)
             _finish_ledger(conn, result, outcomes)
@@ -1371,7 +1386,6 @@ def _merge(
         pass
     # Rejected: a fresh transaction records the batch with every row in quarantine (unless its
     # user or item file cannot be read: then that is what is wrong with it).
-    _after_reading(catalogue)
     catalogue.result()
     with conn.transaction():
         if not _lock_and_check(conn, result):
@@ -1402,10 +1416,10 @@ def _count_rows(result: IngestResult, staged: _Staged, plan: _Plan) -> None:
         raise DataError(f"{plan.src.path}: the file has a header but no data rows")
 
 
-def _after_reading(catalogue: _CatalogueStaging) -> None:
+def _start_helpers(catalogue: _CatalogueStaging) -> None:
     """Start what the end of the merge needs and takes seconds of Python: staging the batch's
-    user and item files, importing Great Expectations. Both run in threads while the server
-    finishes (building the primary key, above all)."""
+    user and item files, importing Great Expectations. Both run in threads while the rows are
+    inserted (the server's work is the longer: this process has time to spare)."""
     catalogue.start()
     _import_gx_ahead()
 
@@ -1416,7 +1430,6 @@ def _stream(
     batch_id: int,
     settings: Settings,
     bulk: bool,
-    catalogue: _CatalogueStaging,
     result: IngestResult,
 ) -> _Staged:
     """Classify the file batch by batch and INSERT each batch's valid rows into
@@ -1436,7 +1449,6 @@ def _stream(
             if classified.valid.any():
                 inserter.submit(statement, _insert_params(classified, batch_id))
         inserter.wait()
-    _after_reading(catalogue)
     if key is not None:
         t0 = time.perf_counter()
         _add_primary_key(conn, key, settings.ingest.maintenance_work_mem)
@@ -1911,10 +1923,13 @@ def _insert_new_ids(
     merged_ids: list[str] | None,
 ) -> int:
     """Create the users or items that merged rows name and the table does not have yet. The ids
-    come from classification when no row changed outcome since (no scan of the staged rows)."""
+    come from classification when no row changed outcome since (no scan of the staged rows),
+    less those the batch's own files just upserted."""
     target = sql.Identifier("recranker", table)
     col = sql.Identifier(column)
     if merged_ids is not None:
+        if not merged_ids:
+            return 0
         return _exec(
             conn,
             sql.SQL("""INSERT INTO {table} ({col}, first_batch_id)
