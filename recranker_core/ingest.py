@@ -1,8 +1,8 @@
-"""Ingest: one interaction file becomes one batch. Read it once, typing and classifying every row
-(merge or quarantine, with reasons) as it is read and staging the classified rows by COPY; then,
-in one transaction, merge them (repeats become duplicates or quarantined conflicts), quarantine
-the rest, validate with Great Expectations and write the ledger. A re-run of the same content is
-a no-op."""
+"""Ingest: one interaction file becomes one batch. In one transaction, read it once, typing and
+classifying every row (merge or quarantine, with reasons) batch by batch and inserting the valid
+rows as it goes (repeats send the batch through a staging table, where they become duplicates or
+quarantined conflicts); then quarantine the rest, validate with Great Expectations and write the
+ledger. A re-run of the same content is a no-op."""
 
 from __future__ import annotations
 
@@ -1312,7 +1312,6 @@ def _merge(
     """
     rules = settings.ingest
     budget = rules.failure_budget
-    _start_helpers(catalogue)
     try:
         with conn.transaction():
             if not _lock_and_check(conn, result):
@@ -1323,7 +1322,7 @@ def _merge(
             )
             try:
                 staged = plan.read(
-                    conn, lambda: _stream(conn, plan, batch_id, settings, bulk, result)
+                    conn, lambda: _stream(conn, plan, batch_id, settings, bulk, catalogue, result)
                 )
                 repeats = False
             except psycopg.errors.UniqueViolation:
@@ -1418,8 +1417,9 @@ def _count_rows(result: IngestResult, staged: _Staged, plan: _Plan) -> None:
 
 def _start_helpers(catalogue: _CatalogueStaging) -> None:
     """Start what the end of the merge needs and takes seconds of Python: staging the batch's
-    user and item files, importing Great Expectations. Both run in threads while the rows are
-    inserted (the server's work is the longer: this process has time to spare)."""
+    user and item files, importing Great Expectations. Both run in threads once the rows are
+    read, while the server builds the primary key (earlier, they would take the interpreter
+    from the classification that feeds the server)."""
     catalogue.start()
     _import_gx_ahead()
 
@@ -1430,6 +1430,7 @@ def _stream(
     batch_id: int,
     settings: Settings,
     bulk: bool,
+    catalogue: _CatalogueStaging,
     result: IngestResult,
 ) -> _Staged:
     """Classify the file batch by batch and INSERT each batch's valid rows into
@@ -1449,6 +1450,7 @@ def _stream(
             if classified.valid.any():
                 inserter.submit(statement, _insert_params(classified, batch_id))
         inserter.wait()
+    _start_helpers(catalogue)
     if key is not None:
         t0 = time.perf_counter()
         _add_primary_key(conn, key, settings.ingest.maintenance_work_mem)
