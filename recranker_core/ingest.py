@@ -738,8 +738,9 @@ def _fast_reader(src: SourceFile, cols: StagedColumns, layout: _Layout, by_line:
         try:
             reader = pacsv.open_csv(
                 pa.BufferReader(data),
+                # One thread: the other core is the server's, inserting the previous batch.
                 read_options=pacsv.ReadOptions(
-                    column_names=names, skip_rows=1, block_size=_READ_BLOCK
+                    column_names=names, skip_rows=1, block_size=_READ_BLOCK, use_threads=False
                 ),
                 parse_options=pacsv.ParseOptions(
                     delimiter=cols.delimiter,
