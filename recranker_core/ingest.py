@@ -1501,14 +1501,13 @@ class _Inserter:
 
 
 def _insert_statement(ordered: bool) -> sql.Composable:
-    """The INSERT of one batch's valid rows, passed as columns: ids as text cut at line breaks
-    (a valid id holds none), ratings and times as binary arrays. Row by row into the primary
-    key, the rows go in key order, for the B-tree's locality."""
+    """The INSERT of one batch's valid rows, passed as four arrays in binary form (nothing for
+    the server to parse; unnest in the select list streams them without a tuple store). Row by
+    row into the primary key, the rows go in key order, for the B-tree's locality."""
     statement: sql.Composable = sql.SQL(
         """INSERT INTO recranker.interactions (user_id, item_id, rating, event_ts, batch_id)
            SELECT u, i, r, t, %b
-           FROM ROWS FROM (string_to_table(%b, E'\\n'), string_to_table(%b, E'\\n'),
-                           unnest(%b), unnest(%b)) AS x(u, i, r, t)"""
+           FROM (SELECT unnest(%b) u, unnest(%b) i, unnest(%b) r, unnest(%b) t) x"""
     )
     if ordered:
         statement += sql.SQL(' ORDER BY u COLLATE "C", i COLLATE "C", t')
@@ -1519,8 +1518,8 @@ class _Binary(bytes):
     """A parameter already in PostgreSQL's binary form (its class's dumper names the type)."""
 
 
-class _BinaryText(_Binary):
-    oid = 25  # text
+class _BinaryTextArray(_Binary):
+    oid = 1009  # text[]
 
 
 class _BinaryFloat4Array(_Binary):
@@ -1535,7 +1534,7 @@ def _register_binary_dumpers(conn: psycopg.Connection) -> None:
     from psycopg.adapt import Dumper
     from psycopg.pq import Format
 
-    for cls in (_BinaryText, _BinaryFloat4Array, _BinaryTimestamptzArray):
+    for cls in (_BinaryTextArray, _BinaryFloat4Array, _BinaryTimestamptzArray):
         dumper = type(
             f"{cls.__name__}Dumper",
             (Dumper,),
@@ -1548,14 +1547,11 @@ def _insert_params(batch: Classified, batch_id: int) -> tuple[Any, ...]:
     """The valid rows of a batch as _insert_statement's parameters."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     valid = pa.array(batch.valid)
 
-    def lines(ids: pa.Array) -> _BinaryText:
-        kept = ids.filter(valid)
-        one = pa.ListArray.from_arrays(pa.array([0, len(kept)], pa.int32()), kept)
-        return _BinaryText(pc.binary_join(one, "\n")[0].as_buffer().to_pybytes())
+    def texts(ids: pa.Array) -> _BinaryTextArray:
+        return _BinaryTextArray(_text_array(ids.filter(valid)))
 
     def array(values: Any, element_oid: int, dtype: str) -> bytes:
         n = len(values)
@@ -1570,11 +1566,30 @@ def _insert_params(batch: Classified, batch_id: int) -> tuple[Any, ...]:
     micros = batch.event_us.filter(valid).to_numpy(zero_copy_only=False) - 946_684_800_000_000
     return (
         batch_id,
-        lines(batch.user_id),
-        lines(batch.item_id),
+        texts(batch.user_id),
+        texts(batch.item_id),
         _BinaryFloat4Array(array(ratings, 700, ">f4")),
         _BinaryTimestamptzArray(array(micros, 1184, ">i8")),
     )
+
+
+def _text_array(strings: Any) -> bytes:
+    """A text[] in binary form from an Arrow string array: per element its length then its
+    bytes, laid out with numpy."""
+    import numpy as np
+
+    n = len(strings)
+    _, offsets_buf, data_buf = strings.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[strings.offset : strings.offset + n + 1]
+    offsets = offsets.astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    offsets -= offsets[0]
+    lengths = np.diff(offsets)
+    out = np.empty(4 * n + len(data), dtype=np.uint8)
+    starts = offsets[:-1] + 4 * np.arange(n)
+    out[(starts[:, None] + np.arange(4)).ravel()] = lengths.astype(">i4").view(np.uint8)
+    out[np.arange(len(data)) + np.repeat(4 * np.arange(1, n + 1), lengths)] = data
+    return np.array([1, 0, 25, n, 1], dtype=">i4").tobytes() + out.tobytes()
 
 
 def _write_quarantine(conn: psycopg.Connection, batch_id: int, staged: _Staged) -> None:
