@@ -1329,11 +1329,12 @@ def _merge(
             except psycopg.errors.UniqueViolation:
                 log.info("the batch repeats stored rows or its own lines; resolving the repeats")
                 staged = plan.read(conn, lambda: _classify_into(conn, names, plan, settings))
-                _count_rows(result, staged, plan)
-                _resolve_and_insert(conn, names, batch_id, bulk, rules.maintenance_work_mem)
                 repeats = True
             _count_rows(result, staged, plan)
+            if staged.quarantined / result.rows_read > budget:
+                raise _OverBudget
             if repeats:
+                _resolve_and_insert(conn, names, batch_id, bulk, rules.maintenance_work_mem)
                 classified = _StagingNames.ident(names.classified)
                 counts = dict(
                     _exec(
@@ -1354,8 +1355,6 @@ def _merge(
                     _quarantine(conn, names, batch_id, everything=False)
             else:
                 # Nothing moved since classification: its counts and descriptions stand.
-                if staged.quarantined / result.rows_read > budget:
-                    raise _OverBudget
                 result.rows_merged, result.rows_duplicate = staged.valid, 0
                 result.rows_quarantined = staged.quarantined
                 result.reasons, result.examples = staged.described()
@@ -1369,7 +1368,9 @@ def _merge(
                 classified,
                 batch_id,
                 rules.auto_create_items,
-                None if repeats else files.new("items", staged.distinct("items")),
+                None
+                if repeats or not rules.auto_create_items
+                else files.new("items", staged.distinct("items")),
             )
             result.users_upserted = _upsert_users(
                 conn,
