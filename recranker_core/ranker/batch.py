@@ -19,9 +19,16 @@ import numpy as np
 import numpy.typing as npt
 
 from recranker_core import registry
-from recranker_core.base.candidates import ChampionScorer, champion_candidates, load_champion
+from recranker_core.base.candidates import (
+    ChampionScorer,
+    UserHistory,
+    champion_candidates,
+    load_champion,
+    read_histories,
+)
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
+from recranker_core.db.pool import Connections
 from recranker_core.errors import ArtifactIntegrityError, ConfigError
 from recranker_core.interrupts import check_stop
 from recranker_core.ranker.fusion import FusedWeights, fused_utilities
@@ -199,34 +206,30 @@ def load_ranker(
 
 
 def serving_split(
-    database_url: str,
+    histories: dict[str, UserHistory],
     user_ids: list[str],
     watermark: datetime,
     item_ids: list[str],
     like_threshold: float,
     item_index: dict[str, int] | None = None,
 ) -> SplitData:
-    """The users' ratings up to the watermark as a SplitData with nothing held out, indexed by
-    `user_ids` and the champion's `item_ids` (`item_index`: their positions, when the caller
-    holds them already): at serving time the whole history is "train"."""
+    """The users' ratings up to the watermark (`histories`, from `read_histories`) as a
+    SplitData with nothing held out, indexed by `user_ids` and the champion's `item_ids`
+    (`item_index`: their positions, when the caller holds them already): at serving time the
+    whole history is "train"."""
     if item_index is None:
         item_index = {item: n for n, item in enumerate(item_ids)}
-    user_index = {user: n for n, user in enumerate(user_ids)}
     us: list[int] = []
     its: list[int] = []
     vals: list[float] = []
-    with connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT user_id, item_id, rating FROM recranker.interactions "
-            "WHERE user_id = ANY(%s) AND event_ts <= %s ORDER BY user_id, event_ts, item_id",
-            (user_ids, watermark),
-        )
-        for user, item, rating in rows:
+    for n, user in enumerate(user_ids):
+        history = histories[user]
+        for item, rating in zip(history.items, history.ratings, strict=True):
             index = item_index.get(item)
             if index is not None:
-                us.append(user_index[user])
+                us.append(n)
                 its.append(index)
-                vals.append(float(rating))
+                vals.append(rating)
     u = np.array(us, dtype=np.int32)
     i = np.array(its, dtype=np.int32)
     v = np.array(vals, dtype=np.float32)
@@ -319,7 +322,7 @@ class ShardResult:
 
 
 def rank_shard(
-    database_url: str,
+    db: str | Connections,
     champion: ChampionScorer,
     ranker: Ranker | None,
     catalog: Catalog | None,
@@ -336,7 +339,11 @@ def rank_shard(
     `fused` the utilities are `fused_utilities` with `fused` (default: the weights the ranker's
     adapter's stored decision serves; none: the base order, without the LLM). Users the
     champion has never seen (cold: no embedding, no candidates) get the most `popular` items
-    they have not interacted with, as base rows."""
+    they have not interacted with, as base rows.
+
+    The shard's users' interactions are read once (one query, on a connection from `db`: a
+    URL opens a fresh one, a worker passes its pool) and serve the candidates, the prompts and
+    the cold users' lists."""
     from recranker_core.ranker.score import score_users
 
     rank = settings.rank
@@ -351,15 +358,17 @@ def rank_shard(
     if rank.mode == "fused":
         use_llm = use_llm and fused is not None and bool(fused.tasks)
     t0 = time.perf_counter()
+    histories = read_histories(db, user_ids, watermark)
     candidates = [
         c
         for chunk in champion_candidates(
-            database_url,
+            db,
             champion,
             user_ids,
             watermark,
             chunk_size=max(1, min(len(user_ids), settings.rank.chunk_size)),
             like_threshold=settings.retrain.like_threshold,
+            histories=histories,
         )
         for c in chunk
     ]
@@ -370,7 +379,7 @@ def rank_shard(
     reranked: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = {}
     if to_score and ranker is not None and catalog is not None:
         data = serving_split(
-            database_url,
+            histories,
             [c.user_id for c in to_score],
             watermark,
             champion.item_ids,
@@ -474,26 +483,14 @@ def rank_shard(
         served = {c.user_id for c in candidates}
         cold = [u for u in user_ids if u not in served]
         if cold:
-            interacted = _interacted(database_url, cold, watermark)
             for user in cold:
-                picks = [i for i in popular if i not in interacted.get(user, set())][: rank.k]
+                interacted = set(histories[user].items)
+                picks = [i for i in popular if i not in interacted][: rank.k]
                 for r, item in enumerate(picks):
                     result.rows.append(
                         RecommendationRow(user, r + 1, item, float(-r), r + 1, "base")
                     )
     return result
-
-
-def _interacted(database_url: str, users: list[str], watermark: datetime) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    with connect(database_url) as conn:
-        for user, item in conn.execute(
-            "SELECT user_id, item_id FROM recranker.interactions "
-            "WHERE user_id = ANY(%s) AND event_ts <= %s",
-            (users, watermark),
-        ):
-            out.setdefault(user, set()).add(item)
-    return out
 
 
 def popular_items(database_url: str, watermark: datetime, limit: int = 1000) -> list[str]:
