@@ -89,8 +89,9 @@ def plan_serving(
             None,
             False,
             None,
-            f"mode {mode}: no champion adapter, every user gets the base ranking (source "
-            "'base'); run `recranker tune` first",
+            f"mode {mode}: no champion adapter (none tuned yet, or every tuned one was "
+            "rejected by its gate: `recranker adapters list` says why), every user gets the "
+            "base ranking (source 'base')",
             {"served": "base", "source": "no adapter"} if mode == "fused" else None,
         )
     if mode != "fused":
