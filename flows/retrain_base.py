@@ -35,7 +35,7 @@ def retrain_base_flow(
         else:
             failed.append(kind)
             logger.error("training %s failed: %s", kind, state.message)
-    winner = promote_best_task(outcomes, database_url, settings.retrain.promotion_tolerance)
+    winner = promote_best_task(outcomes, data, settings, database_url)
     publish_retrain_artifacts(outcomes, winner, failed)
     if not outcomes:
         raise RecrankerError(
@@ -46,4 +46,5 @@ def retrain_base_flow(
         "models": {o.kind: o.model_id for o in outcomes},
         "failed": failed,
         "seconds": {o.kind: o.seconds for o in outcomes},
+        "gate": next((o.gate for o in outcomes if o.gate), None),
     }

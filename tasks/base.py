@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from recranker_core.base.retrain import RetrainOutcome, promote_best, train_candidate
 from recranker_core.base.split import SplitData, load_split
 from recranker_core.config import Settings
-from tasks.common import TRANSIENT_RETRIES
+from tasks.common import TRANSIENT_RETRIES, store_for
 
 
 @task(
@@ -33,12 +33,13 @@ def load_split_task(database_url: str, settings: Settings, watermark: datetime |
 def train_candidate_task(
     kind: str, data: SplitData, settings: Settings, database_url: str
 ) -> RetrainOutcome:
-    from recranker_core.stack import s3_config
-    from recranker_core.store import S3ArtifactStore
-
-    store = S3ArtifactStore(s3_config(settings))
     outcome = train_candidate(
-        kind, data, settings.base, store, database_url, k=settings.retrain.candidates
+        kind,
+        data,
+        settings.base,
+        store_for(settings),
+        database_url,
+        k=settings.retrain.candidates,
     )
     get_run_logger().info(
         "%s: model %s, valid ndcg@10 %.4f, test ndcg@10 %.4f, stored at %s",
@@ -53,9 +54,23 @@ def train_candidate_task(
 
 @task(name="promote-best", cache_policy=NO_CACHE)
 def promote_best_task(
-    outcomes: list[RetrainOutcome], database_url: str, tolerance: float
+    outcomes: list[RetrainOutcome], data: SplitData, settings: Settings, database_url: str
 ) -> RetrainOutcome | None:
-    return promote_best(outcomes, database_url, tolerance)
+    """Gate the best candidate against the champion on the candidate's validation users (the
+    champion re-measured on them when it was measured on others)."""
+    winner = promote_best(
+        outcomes,
+        data,
+        settings.base,
+        store_for(settings),
+        settings.home / "cache" / "artifacts",
+        database_url,
+        settings.retrain.promotion_tolerance,
+    )
+    best = winner or next((o for o in outcomes if o.gate), None)
+    if best is not None:
+        get_run_logger().info("gate on model %d (%s): %s", best.model_id, best.kind, best.reason)
+    return winner
 
 
 def publish_retrain_artifacts(
@@ -79,6 +94,22 @@ def publish_retrain_artifacts(
         lines.append(f"**Promoted** model {winner.model_id} ({winner.kind}): {winner.reason}.")
     else:
         lines.append("**Nothing promoted**; the champion keeps serving.")
+    gated = winner or next((o for o in outcomes if o.gate), None)
+    champion = gated.gate.get("champion") if gated is not None else None
+    if gated is not None and champion:
+        candidate = gated.gate["candidate"]["sample"]
+        registered = champion.get("registered_sample")
+        lines += [
+            "",
+            f"Gate samples: the candidate on {candidate['n_users']} validation users; the "
+            f"champion (model {champion['model_id']}) registered on "
+            f"{registered['n_users'] if registered else 'unrecorded'} users, "
+            + (
+                "re-measured on the candidate's users."
+                if champion["remeasured"]
+                else "the same users (not re-measured)."
+            ),
+        ]
     lines.append("")
     lines += [f"- {o.kind} (model {o.model_id}): {o.reason}" for o in outcomes if o is not winner]
     lines += [f"- {kind}: training failed (see the task run's logs)" for kind in failed]
