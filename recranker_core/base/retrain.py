@@ -1,6 +1,6 @@
 """One base-model retrain, end to end: train on the split, export the ONNX top-k scorer with a
-parity check, store weights + ONNX + id maps + metrics as one artifact with a manifest,
-register it, and promote it only if the gate says so, the champion measured on
+parity check, store weights + ONNX + id maps + metrics (+ the run's rating model) as one artifact
+with a manifest, register it, and promote it only if the gate says so, the champion measured on
 the candidate's users. A failed or worse retrain leaves the champion."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from recranker_core.base.evaluate import EvalSample
 from recranker_core.base.split import SplitData
 
 if TYPE_CHECKING:
+    from recranker_core.base.train import TrainResult
     from recranker_core.config import BaseTrainSettings
     from recranker_core.store import ArtifactStore
 
@@ -39,19 +40,29 @@ class RetrainOutcome:
     artifact_uri: str
     seconds: dict[str, float] = field(default_factory=dict)
     parity_max_abs_diff: float = 0.0
+    rating_model: dict[str, Any] | None = None  # lineage of the rating model stored with it
     gate: dict[str, Any] = field(default_factory=dict)  # the gate's record (the best only)
 
 
 def write_artifact(
-    directory: Path, model: Any, data: SplitData, metrics: dict[str, Any], k: int
+    directory: Path,
+    model: Any,
+    data: SplitData,
+    metrics: dict[str, Any],
+    k: int,
+    rating: Any = None,
 ) -> float:
-    """Weights (safetensors + JSON), ONNX scorer, id maps and metrics into `directory`; returns
-    the parity diff."""
+    """Weights (safetensors + JSON), ONNX scorer, id maps and metrics into `directory`, and the
+    rating model `rating` (fitted on the same split, so the id maps index it too) when given;
+    returns the parity diff."""
     from recranker_core.base.models import pad_sequences, write_state
     from recranker_core.base.onnx_export import export_topk, pad_exclusions
+    from recranker_core.base.rating import RATING_STEM
 
     directory.mkdir(parents=True, exist_ok=True)
     write_state(model, directory, "model")
+    if rating is not None:
+        write_state(rating, directory, RATING_STEM)
     (directory / "user_ids.json").write_text(json.dumps(data.user_ids))
     (directory / "item_ids.json").write_text(json.dumps(data.item_ids))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -84,17 +95,23 @@ def train_candidate(
     database_url: str,
     *,
     k: int = 10,
+    rating: TrainResult | None = None,
 ) -> RetrainOutcome:
-    """Train one model kind, export and store it, and register it as a candidate. Its metrics
-    carry the users they were measured on (`metrics["sample"]`), which the gate compares."""
+    """Train one model kind, export and store it (with the run's rating model `rating`, fitted
+    on the same split, when given), and register it as a candidate. Its metrics carry the users
+    they were measured on (`metrics["sample"]`), which the gate compares."""
+    from recranker_core.base.rating import rating_lineage
     from recranker_core.base.train import evaluation_users, train_model
 
     result = train_model(kind, data, train_settings)
     sample = EvalSample.of(data, evaluation_users(data, train_settings))
     metrics: dict[str, dict[str, Any]] = {**result.metrics, "sample": sample.as_json()}
+    rating_info = rating_lineage(rating) if rating is not None else None
     with tempfile.TemporaryDirectory(prefix=f"recranker-{kind}-") as tmp:
         local = Path(tmp) / "artifact"
-        diff = write_artifact(local, result.model, data, metrics, k)
+        diff = write_artifact(
+            local, result.model, data, metrics, k, rating.model if rating is not None else None
+        )
         stamp = data.watermark.strftime("%Y%m%dT%H%M%S") if data.watermark else "all"
         prefix = f"models/{kind}/{stamp}-{uuid.uuid4().hex[:8]}"
         meta = {
@@ -103,6 +120,7 @@ def train_candidate(
             "hyperparameters": result.hyperparameters,
             "data_watermark": data.watermark.isoformat() if data.watermark else None,
             "split": data.stats,
+            "rating_model": rating_info,
         }
         stored = store.put_directory(local, prefix, meta)
     model_id = registry.register_model(
@@ -118,6 +136,7 @@ def train_candidate(
             "best_epoch": result.best_epoch,
             "like_threshold": data.like_threshold,
             "prefix": stored.prefix,
+            "rating_model": rating_info,
         },
     )
     return RetrainOutcome(
@@ -129,6 +148,7 @@ def train_candidate(
         stored.uri,
         {"train": round(result.seconds, 2)},
         diff,
+        rating_info,
     )
 
 
