@@ -6,7 +6,6 @@ the rows to publish. A user the LLM cannot score keeps the base ranking (source 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ from recranker_core.base.candidates import (
     load_champion,
     read_histories,
 )
+from recranker_core.base.rating import RatingHints, RatingModel
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
 from recranker_core.db.pool import Connections
@@ -133,14 +133,13 @@ def plan_serving(
 
 @dataclass
 class Ranker:
-    """The LLM with the champion adapter applied, and the adapter's hint regressor."""
+    """The LLM with the champion adapter applied, and the rating model its pointwise hint reads
+    (the one it was tuned with: `base.rating.adapter_rating_model`)."""
 
     model: Any
     tokenizer: Any
     adapter: registry.AdapterRecord
-    regressor: Any
-    regressor_users: dict[str, int]
-    regressor_items: dict[str, int]
+    rating: RatingModel
     backbone_id: str
     device: str
 
@@ -160,10 +159,12 @@ def load_ranker(
     database_url: str, store: Any, settings: Any, record: registry.AdapterRecord | None = None
 ) -> Ranker | None:
     """`record` (default: the champion adapter) on the configured backbone (checksums, backbone
-    and template verified); None when no adapter has been tuned yet (the run is then base-only)."""
+    and template verified), with the rating model it was tuned with (the champion base model's
+    in the usual case; see `adapter_rating_model`); None when no adapter has been tuned yet (the
+    run is then base-only)."""
     from peft import PeftModel
 
-    from recranker_core.base.models import read_state
+    from recranker_core.base.rating import adapter_rating_model
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.tuning import fetch_adapter
 
@@ -172,19 +173,16 @@ def load_ranker(
         log.warning("no champion adapter: every user gets the base ranking (source 'base')")
         return None
     backbone = load_backbone(settings.backbone, settings.home)
-    directory = fetch_adapter(
-        record, store, settings.home / "cache" / "artifacts", backbone.backbone_hash
-    )
+    cache = settings.home / "cache" / "artifacts"
+    directory = fetch_adapter(record, store, cache, backbone.backbone_hash)
     if not (directory / "adapter_model.safetensors").is_file():
         raise ArtifactIntegrityError(
             f"{record.label}: no adapter_model.safetensors in {directory}; only safetensors "
             "weights are loaded: tune a new adapter (`recranker tune`)"
         )
+    rating = adapter_rating_model(record, directory, database_url, store, cache)
     model = PeftModel.from_pretrained(backbone.model, directory)
     model.eval()
-    regressor = read_state(directory, "hint_regressor")
-    users = json.loads((directory / "user_ids.json").read_text())
-    items = json.loads((directory / "item_ids.json").read_text())
     log.info("ranker: %s on %s (%s)", record.label, backbone.backbone_id, backbone.device)
     if record.template_version != settings.prompts.template:
         log.info(
@@ -194,16 +192,7 @@ def load_ranker(
             record.template_version,
             settings.prompts.template,
         )
-    return Ranker(
-        model,
-        backbone.tokenizer,
-        record,
-        regressor,
-        {u: n for n, u in enumerate(users)},
-        {i: n for n, i in enumerate(items)},
-        backbone.backbone_id,
-        backbone.device,
-    )
+    return Ranker(model, backbone.tokenizer, record, rating, backbone.backbone_id, backbone.device)
 
 
 def serving_split(
@@ -277,7 +266,7 @@ def serving_split(
 
 class ServingHints:
     """Hints at serving time: the champion's candidate scores (its order of the candidates) and
-    the adapter's rating regressor (global mean for a user or item it never saw)."""
+    the ranker's rating model (global mean for a user or item it never saw)."""
 
     def __init__(
         self, data: SplitData, ranker: Ranker, candidate_scores: dict[int, dict[int, float]]
@@ -285,7 +274,7 @@ class ServingHints:
         self.data = data
         self.ranker = ranker
         self.candidate_scores = candidate_scores
-        self.mean = float(ranker.regressor.hparams.get("global_mean", 3.0))
+        self.ratings = RatingHints(ranker.rating, data)
 
     def item_scores(self, user: int) -> npt.NDArray[np.floating]:
         scores = np.full(self.data.n_items, -np.inf)
@@ -294,19 +283,7 @@ class ServingHints:
         return scores
 
     def predict_ratings(self, user: int, items: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
-        out = np.full(len(items), self.mean)
-        u = self.ranker.regressor_users.get(self.data.user_ids[user])
-        if u is None:
-            return out
-        known = [
-            (n, j)
-            for n, item in enumerate(np.asarray(items).tolist())
-            if (j := self.ranker.regressor_items.get(self.data.item_ids[item])) is not None
-        ]
-        if known:
-            rows, cols = zip(*known, strict=True)
-            out[list(rows)] = self.ranker.regressor.predict(np.full(len(cols), u), np.array(cols))
-        return out
+        return self.ratings.predict_ratings(user, items)
 
 
 @dataclass
