@@ -41,6 +41,18 @@ class IngestSettings(BaseModel):
         description="Create unknown items from interaction rows instead of quarantining them "
         "(when no item file comes with the batch).",
     )
+    bulk_load_min_rows: int = Field(
+        100_000,
+        ge=1,
+        description="A batch merging at least this many rows into an interactions table that "
+        "holds no more rows than that drops the table's primary key and builds it again in the "
+        "merge transaction (one sort instead of a B-tree insert per row; the table is locked "
+        "against readers meanwhile, and a busy table keeps its key).",
+    )
+    maintenance_work_mem: str = Field(
+        "512MB",
+        description="PostgreSQL maintenance_work_mem of that primary-key build.",
+    )
 
     @model_validator(mode="after")
     def _scale_is_ordered(self) -> IngestSettings:

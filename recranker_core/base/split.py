@@ -229,10 +229,11 @@ def load_split(
     """The split of recranker.interactions as of `watermark` (default: the latest event), so that
     a rerun over the same data gives the same split.
 
-    Memory stays proportional to the interactions as compact arrays (int32 user and item codes,
-    float32 rating, float64 time: 20 bytes a row), never to their text: the sorted id
-    vocabularies are read first, then the rows stream out by COPY and are parsed and coded
-    `chunk_bytes` of CSV at a time."""
+    One pass over the rows: they stream out by COPY and are parsed `chunk_bytes` of CSV at a
+    time, each id coded in the order it first appears; the sorted vocabularies and the final
+    codes come from those codes at the end. Memory stays proportional to the interactions as
+    compact arrays (int32 user and item codes, float32 rating, float64 time: 20 bytes a row) plus
+    one copy of each distinct id, never to their text."""
     import io
 
     import pandas as pd
@@ -241,6 +242,16 @@ def load_split(
     from recranker_core.db.connect import connect
 
     columns: dict[str, list[npt.NDArray[Any]]] = {"u": [], "i": [], "rating": [], "ts": []}
+    vocabularies: dict[str, dict[str, int]] = {"u": {}, "i": {}}
+
+    def first_seen_codes(values: pd.Series, vocabulary: dict[str, int]) -> npt.NDArray[np.int32]:
+        codes, uniques = pd.factorize(values)
+        seen = np.fromiter(
+            (vocabulary.setdefault(v, len(vocabulary)) for v in uniques),
+            dtype=np.int32,
+            count=len(uniques),
+        )
+        return seen[codes]
 
     def parse(block: bytes) -> None:
         frame = pd.read_csv(
@@ -250,28 +261,18 @@ def load_split(
             dtype={"user_id": str, "item_id": str, "rating": np.float32, "ts": np.float64},
             keep_default_na=False,
         )
-        columns["u"].append(user_index.get_indexer(pd.Index(frame["user_id"])).astype(np.int32))
-        columns["i"].append(item_index.get_indexer(pd.Index(frame["item_id"])).astype(np.int32))
+        columns["u"].append(first_seen_codes(frame["user_id"], vocabularies["u"]))
+        columns["i"].append(first_seen_codes(frame["item_id"], vocabularies["i"]))
         columns["rating"].append(frame["rating"].to_numpy(np.float32))
         columns["ts"].append(frame["ts"].to_numpy(np.float64))
 
     with connect(database_url) as conn:
-        # One snapshot for the vocabularies and the rows: a concurrent ingest (even of old
-        # events) is either wholly in the split or not at all.
+        # One snapshot for the watermark and the rows: a concurrent ingest (even of old events)
+        # is either wholly in the split or not at all.
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         if watermark is None:
             row = conn.execute("SELECT max(event_ts) FROM recranker.interactions").fetchone()
             watermark = row[0] if row else None
-
-        def distinct(column: str) -> list[str]:
-            query = sql.SQL(
-                "SELECT DISTINCT {} FROM recranker.interactions WHERE event_ts <= %s"
-            ).format(sql.Identifier(column))
-            return sorted(r[0] for r in conn.execute(query, (watermark,)))
-
-        users = distinct("user_id")
-        items = distinct("item_id")
-        user_index, item_index = pd.Index(users), pd.Index(items)
         query = sql.SQL(
             "COPY (SELECT user_id, item_id, rating, extract(epoch FROM event_ts) "
             "FROM recranker.interactions WHERE event_ts <= {}) TO STDOUT (FORMAT csv)"
@@ -292,9 +293,19 @@ def load_split(
         parts = columns.pop(name)
         return np.concatenate(parts) if parts else np.empty(0, dtype)
 
+    def sorted_codes(name: str) -> tuple[npt.NDArray[np.int32], list[str]]:
+        """The codes renumbered to the sorted order of the ids (build_split's numbering)."""
+        ids = list(vocabularies.pop(name))
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        rank = np.empty(len(ids), dtype=np.int32)
+        rank[order] = np.arange(len(ids), dtype=np.int32)
+        return rank[joined(name, np.int32)], [ids[k] for k in order]
+
+    user_codes, users = sorted_codes("u")
+    item_codes, items = sorted_codes("i")
     return split_from_codes(
-        joined("u", np.int32),
-        joined("i", np.int32),
+        user_codes,
+        item_codes,
         joined("rating", np.float32),
         joined("ts", np.float64),
         np.array(users, dtype=str),

@@ -36,6 +36,7 @@ def _counts(url: str) -> tuple[int, int, int]:
     return row
 
 
+@pytest.mark.slow
 def test_killed_mid_merge_leaves_no_partial_batch(
     million: SynthFiles, settings: Settings, clean_db: str
 ):
