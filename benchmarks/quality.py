@@ -141,14 +141,11 @@ def evaluate_adapter(
 ) -> dict[str, Any]:
     """The evaluation table of adapter `adapter_id` (promoted or not) on all evaluable users."""
     from recranker_core import registry
+    from recranker_core.base.rating import RatingHints
     from recranker_core.ranker.batch import load_ranker
     from recranker_core.ranker.evaluate import evaluate
     from recranker_core.ranker.prompts import Catalog
-    from recranker_core.ranker.tuning import (
-        BaseHints,
-        load_base_context,
-        train_hint_regressor,
-    )
+    from recranker_core.ranker.tuning import BaseHints, load_base_context
     from recranker_core.stack import s3_config
     from recranker_core.store import S3ArtifactStore
 
@@ -156,7 +153,6 @@ def evaluate_adapter(
     ctx = load_base_context(
         url, store, settings.home / "cache" / "artifacts", settings.retrain.like_threshold
     )
-    train_hint_regressor(ctx, settings)
     record = registry.get_adapter(url, adapter_id)
     ranker = load_ranker(url, store, settings, record)
     assert ranker is not None
@@ -165,7 +161,8 @@ def evaluate_adapter(
     report, _ = evaluate(
         ctx,
         catalog,
-        BaseHints(ctx),
+        # The adapter's rating model (the one it was tuned with, as serving reads it).
+        BaseHints(ctx, RatingHints(ranker.rating, ctx.data)),
         ranker.model,
         ranker.tokenizer,
         settings,

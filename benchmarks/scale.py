@@ -45,7 +45,8 @@ TINY_ENV = {
     "RECRANKER_TUNE__BATCH_SIZE": "4",
     "RECRANKER_TUNE__GRAD_ACCUMULATION": "1",
     "RECRANKER_TUNE__VALID_USERS": "8",
-    # The pointwise hint's rating regressor, trained by the tuning run: two epochs do here.
+    # The pointwise hint's rating model, trained by the retrain (train stage) and reused by
+    # tuning: two epochs do here.
     "RECRANKER_BASE__BIASEDMF__EPOCHS": "2",
     # Full-ranking evaluation costs users x items, which grows 4x per doubling; the train stage
     # measures a retrain as it would be configured at this scale: a 20,000-user sample.

@@ -26,6 +26,7 @@ def evaluate_ranker_flow(
     users (a seeded random subset; default RECRANKER_RANK__EVAL_MAX_USERS: unset, all of
     them); `step` is the grid step of the weights chosen on validation users; `adapter_id`
     evaluates that adapter (a candidate the gate rejected, say) instead of the champion."""
+    from recranker_core.base.rating import RatingHints
     from recranker_core.errors import ConfigError
     from recranker_core.ranker.evaluate import TARGETS, evaluate
     from recranker_core.ranker.prompts import Catalog
@@ -44,7 +45,9 @@ def evaluate_ranker_flow(
     if not set(targets) <= set(TARGETS):
         raise ConfigError(f"targets must be among {TARGETS}, not {targets}")
     database_url = resolve_database(settings)
-    ctx = load_base_task(database_url, settings)
+    # The hint's predicted ratings come from the adapter's rating model (the one it was tuned
+    # with, as serving reads it), so the champion's is not needed here.
+    ctx = load_base_task(database_url, settings, hint_ratings=False)
     ranker = load_ranker_task(database_url, settings, adapter_id)
     if ranker is None:
         raise ConfigError(
@@ -53,7 +56,7 @@ def evaluate_ranker_flow(
         )
     settings = ranker.settings_for(settings)
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)
-    hints = BaseHints(ctx)
+    hints = BaseHints(ctx, RatingHints(ranker.rating, ctx.data))
     limit = max_users or settings.rank.eval_max_users
     report, _ = evaluate(
         ctx,

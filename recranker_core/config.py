@@ -66,7 +66,9 @@ class IngestSettings(BaseModel):
 class BPRSettings(BaseModel):
     """MF trained with BPR: one sampled negative per train like per epoch."""
 
-    lr: float = Field(5e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(
+        5e-3, gt=0, description="SparseAdam learning rate (Adam on the rows a batch reads)."
+    )
     l2: float = Field(
         1e-2, ge=0, description="L2 penalty on the embeddings of each batch (not weight decay)."
     )
@@ -111,7 +113,9 @@ class SASRecSettings(BaseModel):
 class BiasedMFSettings(BaseModel):
     """The rating regressor behind the pointwise hint."""
 
-    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(
+        3e-3, gt=0, description="SparseAdam learning rate (Adam on the rows a batch reads)."
+    )
     l2: float = Field(0.1, ge=0, description="L2 penalty on the batch's factors and biases.")
     epochs: int = Field(100, ge=1, description="Most epochs to train.")
     patience: int = Field(

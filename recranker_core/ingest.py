@@ -1250,19 +1250,35 @@ def _already(result: IngestResult, previous: tuple[Any, ...]) -> IngestResult:
 
 
 def _insert_ledger(conn: psycopg.Connection, result: IngestResult, started: datetime) -> int:
-    row = conn.execute(
-        """INSERT INTO recranker.ingest_batches
-               (source, file_name, content_hash, format, status, started_at)
-           VALUES (%s, %s, %s, %s, %s, %s) RETURNING batch_id""",
-        (
-            result.source,
-            result.file_name,
-            result.content_hash,
-            result.format,
-            result.status,
-            started,
-        ),
-    ).fetchone()
+    """The file's ledger row. A batch id taken by an attempt that was rolled back (a batch over
+    its budget is undone, then recorded as rejected by a second transaction) is free and is
+    reused, so that one file is one batch id and the ledger has no gap for it."""
+    values = (
+        result.source,
+        result.file_name,
+        result.content_hash,
+        result.format,
+        result.status,
+        started,
+    )
+    row = None
+    if result.batch_id is not None:
+        row = conn.execute(
+            """INSERT INTO recranker.ingest_batches
+                   (batch_id, source, file_name, content_hash, format, status, started_at)
+               OVERRIDING SYSTEM VALUE
+               SELECT %s, %s, %s, %s, %s, %s, %s
+               WHERE NOT EXISTS (SELECT 1 FROM recranker.ingest_batches WHERE batch_id = %s)
+               RETURNING batch_id""",
+            (result.batch_id, *values, result.batch_id),
+        ).fetchone()
+    if row is None:
+        row = conn.execute(
+            """INSERT INTO recranker.ingest_batches
+                   (source, file_name, content_hash, format, status, started_at)
+               VALUES (%s, %s, %s, %s, %s, %s) RETURNING batch_id""",
+            values,
+        ).fetchone()
     assert row is not None
     return int(row[0])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,7 +31,7 @@ class ModelRecord:
     model_id: int
     kind: str
     status: str
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, Any]  # "valid"/"test": metric -> value; "sample": the users (EvalSample)
     hyperparameters: dict[str, Any]
     data_watermark: datetime | None
     artifact_uri: str
@@ -75,7 +75,7 @@ def register_model(
     *,
     kind: str,
     hyperparameters: dict[str, Any],
-    metrics: dict[str, dict[str, float]],
+    metrics: dict[str, Any],
     data_watermark: datetime | None,
     artifact_uri: str,
     files: dict[str, str],
@@ -134,40 +134,117 @@ def list_models(database_url: str, limit: int = 50) -> list[ModelRecord]:
 class GateDecision:
     promote: bool
     reason: str
+    # What the base-model gate compared: the metric, both sides' values and samples, and
+    # whether the champion was re-measured (stored in the candidate's lineage as `gate`).
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class _Champion(Protocol):
     @property
-    def metrics(self) -> dict[str, dict[str, float]]: ...
+    def model_id(self) -> int: ...
+
+    @property
+    def metrics(self) -> dict[str, Any]: ...
 
     @property
     def label(self) -> str: ...
 
 
 def gate(
-    candidate: dict[str, dict[str, float]],
+    candidate: dict[str, Any],
     current: _Champion | None,
     tolerance: float,
+    *,
+    remeasured: dict[str, Any] | None = None,
 ) -> GateDecision:
     """Promote when there is no champion, or when the candidate's validation NDCG@10 is not
-    below the champion's by more than `tolerance`. Test metrics never decide."""
+    below the champion's by more than `tolerance`, both measured on the same users. Test
+    metrics never decide.
+
+    Both sides' metrics carry the users they were measured on (`metrics["sample"]`, an
+    EvalSample: count and hash of the user ids, split watermark and like threshold). A
+    champion's registered metric measured on other users (another sample size or seed, an
+    earlier split, or not recorded) is not compared: that raises ConfigError unless
+    `remeasured` ({"valid": ..., "sample": ...}: the champion measured again on the candidate's
+    users, `base.retrain.measure_registered`) is given, which is then compared instead. The
+    decision's `record` says both sides' sample sizes and whether the champion was
+    re-measured."""
+    from recranker_core.base.evaluate import EvalSample
+
     new = candidate.get("valid", {}).get(GATE_METRIC)
+    mine = EvalSample.from_metrics(candidate)
+    record: dict[str, Any] = {
+        "metric": GATE_METRIC,
+        "tolerance": tolerance,
+        "candidate": {"value": new, "sample": mine.as_json() if mine else None},
+        "champion": None,
+    }
     if new is None:
-        return GateDecision(False, f"the candidate has no validation {GATE_METRIC}")
-    if current is None:
-        return GateDecision(True, f"no champion yet; validation {GATE_METRIC} {new:.4f}")
-    old = current.metrics.get("valid", {}).get(GATE_METRIC, 0.0)
-    if new >= old - tolerance:
-        return GateDecision(
-            True,
-            f"validation {GATE_METRIC} {new:.4f} vs champion {current.label} "
-            f"{old:.4f}, within tolerance {tolerance}",
+        return _decided(False, f"the candidate has no validation {GATE_METRIC}", record)
+    if mine is None:
+        raise ConfigError(
+            "the candidate's metrics do not say which users they were measured on "
+            '(metrics["sample"]): measure it with `train_candidate`'
         )
-    return GateDecision(
-        False,
-        f"validation {GATE_METRIC} {new:.4f} is below champion {current.label} "
-        f"{old:.4f} by more than {tolerance}",
+    on = f"on {mine.n_users} users"
+    if current is None:
+        return _decided(True, f"no champion yet; validation {GATE_METRIC} {new:.4f} {on}", record)
+    registered = current.metrics.get("valid", {}).get(GATE_METRIC)
+    theirs = EvalSample.from_metrics(current.metrics)
+    registered_on = (
+        f"{theirs.n_users} users of the split as of {theirs.data_watermark or 'all data'}"
+        if theirs
+        else "users that were not recorded"
     )
+    if remeasured is not None:
+        again = EvalSample.from_metrics(remeasured)
+        if again != mine:
+            raise ConfigError(
+                f"champion {current.label} was re-measured on "
+                f"{again.describe() if again else 'unrecorded users'}, not the candidate's "
+                f"{mine.describe()}: re-measure it on the candidate's users"
+            )
+        old = remeasured.get("valid", {}).get(GATE_METRIC, 0.0)
+        versus = (
+            f"champion {current.label} {old:.4f} re-measured on the same {mine.n_users} users "
+            f"(its registered {_value(registered)} was measured on {registered_on})"
+        )
+    elif theirs == mine:
+        old = registered if registered is not None else 0.0
+        versus = f"champion {current.label} {old:.4f} on the same {mine.n_users} users"
+    else:
+        raise ConfigError(
+            f"champion {current.label}'s validation {GATE_METRIC} was measured on "
+            f"{registered_on}, the candidate's on {mine.describe()}: re-measure the champion "
+            "on the candidate's users before gating"
+        )
+    record["champion"] = {
+        "model_id": current.model_id,
+        "value": old,
+        "remeasured": remeasured is not None,
+        "sample": mine.as_json(),
+        "registered_value": registered,
+        "registered_sample": theirs.as_json() if theirs else None,
+    }
+    if new >= old - tolerance:
+        return _decided(
+            True,
+            f"validation {GATE_METRIC} {new:.4f} {on} vs {versus}, within tolerance {tolerance}",
+            record,
+        )
+    return _decided(
+        False,
+        f"validation {GATE_METRIC} {new:.4f} {on} is below {versus} by more than {tolerance}",
+        record,
+    )
+
+
+def _decided(promote: bool, reason: str, record: dict[str, Any]) -> GateDecision:
+    return GateDecision(promote, reason, {**record, "promote": promote, "reason": reason})
+
+
+def _value(value: float | None) -> str:
+    return "(none)" if value is None else f"{value:.4f}"
 
 
 def adapter_gate(
@@ -242,15 +319,25 @@ MODELS = _Table("models", "model_id", "model", "recranker models list")
 ADAPTERS = _Table("adapters", "adapter_id", "adapter", "recranker adapters list")
 
 
-def promote(database_url: str, model_id: int, note: str) -> ModelRecord:
-    """Make `model_id` the champion and retire the previous one, in one transaction."""
-    _promote(database_url, MODELS, model_id, note)
+def promote(
+    database_url: str, model_id: int, note: str, *, gate: dict[str, Any] | None = None
+) -> ModelRecord:
+    """Make `model_id` the champion and retire the previous one, in one transaction; `gate`,
+    the gate's record, is kept in its lineage."""
+    _promote(database_url, MODELS, model_id, note, _gate_lineage(gate))
     return get_model(database_url, model_id)
 
 
-def reject(database_url: str, model_id: int, note: str) -> None:
-    """Mark a candidate that lost the gate, with the reason."""
-    _reject(database_url, MODELS, model_id, note)
+def reject(
+    database_url: str, model_id: int, note: str, *, gate: dict[str, Any] | None = None
+) -> None:
+    """Mark a candidate that lost the gate, with the reason (and the gate's record, `gate`, in
+    its lineage)."""
+    _reject(database_url, MODELS, model_id, note, _gate_lineage(gate))
+
+
+def _gate_lineage(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {"gate": gate} if gate is not None else None
 
 
 def rollback(database_url: str) -> ModelRecord:
@@ -258,7 +345,9 @@ def rollback(database_url: str) -> ModelRecord:
     return get_model(database_url, _rollback(database_url, MODELS))
 
 
-def _promote(database_url: str, table: _Table, key: int, note: str) -> None:
+def _promote(
+    database_url: str, table: _Table, key: int, note: str, lineage: dict[str, Any] | None = None
+) -> None:
     with connect(database_url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_REGISTRY_LOCK,))
         _require_exists(conn, table, key)
@@ -271,23 +360,25 @@ def _promote(database_url: str, table: _Table, key: int, note: str) -> None:
         )
         conn.execute(
             table.sql(
-                "UPDATE {table} SET status = 'champion', promoted_at = now(), note = %s "
-                "WHERE {key} = %s"
+                "UPDATE {table} SET status = 'champion', promoted_at = now(), note = %s, "
+                "lineage = lineage || %s::jsonb WHERE {key} = %s"
             ),
-            (note, key),
+            (note, json.dumps(lineage or {}), key),
         )
         conn.commit()
     log.info("%s %s is the champion: %s", table.noun, key, note)
 
 
-def _reject(database_url: str, table: _Table, key: int, note: str) -> None:
+def _reject(
+    database_url: str, table: _Table, key: int, note: str, lineage: dict[str, Any] | None = None
+) -> None:
     with connect(database_url) as conn:
         conn.execute(
             table.sql(
-                "UPDATE {table} SET status = 'rejected', note = %s "
-                "WHERE {key} = %s AND status = 'candidate'"
+                "UPDATE {table} SET status = 'rejected', note = %s, "
+                "lineage = lineage || %s::jsonb WHERE {key} = %s AND status = 'candidate'"
             ),
-            (note, key),
+            (note, json.dumps(lineage or {}), key),
         )
         conn.commit()
 

@@ -1,5 +1,5 @@
-"""Prefect tasks of the base-model stage: split, train one candidate, promote the best, and the
-artifacts a person reads to see what was trained and what now serves."""
+"""Prefect tasks of the base-model stage: split, the rating model, train one candidate, promote
+the best, and the artifacts a person reads to see what was trained and what now serves."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from prefect.cache_policies import NO_CACHE
 
 from recranker_core.base.retrain import RetrainOutcome, promote_best, train_candidate
 from recranker_core.base.split import SplitData, load_split
+from recranker_core.base.train import TrainResult
 from recranker_core.config import Settings
-from tasks.common import TRANSIENT_RETRIES
+from tasks.common import TRANSIENT_RETRIES, store_for
 
 
 @task(
@@ -29,16 +30,39 @@ def load_split_task(database_url: str, settings: Settings, watermark: datetime |
     return data
 
 
+@task(name="train-rating-model", cache_policy=NO_CACHE)
+def train_rating_model_task(data: SplitData, settings: Settings) -> TrainResult:
+    """The rating model behind the pointwise hint, on the split's train-period ratings: stored
+    with every model of this run, so that tuning reuses the champion's instead of fitting one."""
+    from recranker_core.base.rating import train_rating_model
+
+    result = train_rating_model(data, settings.base)
+    get_run_logger().info(
+        "trained the rating model (biasedmf) for the pointwise hint: held-out RMSE %.4f, best "
+        "epoch %d, %.1f s; stored with every model of this run",
+        result.metrics["valid"].get("rmse", float("nan")),
+        result.best_epoch,
+        result.seconds,
+    )
+    return result
+
+
 @task(name="train-candidate", cache_policy=NO_CACHE, task_run_name="train {kind}")
 def train_candidate_task(
-    kind: str, data: SplitData, settings: Settings, database_url: str
+    kind: str,
+    data: SplitData,
+    settings: Settings,
+    database_url: str,
+    rating: TrainResult | None = None,
 ) -> RetrainOutcome:
-    from recranker_core.stack import s3_config
-    from recranker_core.store import S3ArtifactStore
-
-    store = S3ArtifactStore(s3_config(settings))
     outcome = train_candidate(
-        kind, data, settings.base, store, database_url, k=settings.retrain.candidates
+        kind,
+        data,
+        settings.base,
+        store_for(settings),
+        database_url,
+        k=settings.retrain.candidates,
+        rating=rating,
     )
     get_run_logger().info(
         "%s: model %s, valid ndcg@10 %.4f, test ndcg@10 %.4f, stored at %s",
@@ -53,13 +77,30 @@ def train_candidate_task(
 
 @task(name="promote-best", cache_policy=NO_CACHE)
 def promote_best_task(
-    outcomes: list[RetrainOutcome], database_url: str, tolerance: float
+    outcomes: list[RetrainOutcome], data: SplitData, settings: Settings, database_url: str
 ) -> RetrainOutcome | None:
-    return promote_best(outcomes, database_url, tolerance)
+    """Gate the best candidate against the champion on the candidate's validation users (the
+    champion re-measured on them when it was measured on others)."""
+    winner = promote_best(
+        outcomes,
+        data,
+        settings.base,
+        store_for(settings),
+        settings.home / "cache" / "artifacts",
+        database_url,
+        settings.retrain.promotion_tolerance,
+    )
+    best = winner or next((o for o in outcomes if o.gate), None)
+    if best is not None:
+        get_run_logger().info("gate on model %d (%s): %s", best.model_id, best.kind, best.reason)
+    return winner
 
 
 def publish_retrain_artifacts(
-    outcomes: list[RetrainOutcome], winner: RetrainOutcome | None, failed: list[str]
+    outcomes: list[RetrainOutcome],
+    winner: RetrainOutcome | None,
+    failed: list[str],
+    rating: TrainResult | None = None,
 ) -> None:
     rows: list[dict[str, Any]] = []
     for o in outcomes:
@@ -79,6 +120,34 @@ def publish_retrain_artifacts(
         lines.append(f"**Promoted** model {winner.model_id} ({winner.kind}): {winner.reason}.")
     else:
         lines.append("**Nothing promoted**; the champion keeps serving.")
+    gated = winner or next((o for o in outcomes if o.gate), None)
+    champion = gated.gate.get("champion") if gated is not None else None
+    if gated is not None and champion:
+        candidate = gated.gate["candidate"]["sample"]
+        registered = champion.get("registered_sample")
+        lines += [
+            "",
+            f"Gate samples: the candidate on {candidate['n_users']} validation users; the "
+            f"champion (model {champion['model_id']}) registered on "
+            f"{registered['n_users'] if registered else 'unrecorded'} users, "
+            + (
+                "re-measured on the candidate's users."
+                if champion["remeasured"]
+                else "the same users (not re-measured)."
+            ),
+        ]
+    lines.append("")
+    if rating is not None:
+        lines.append(
+            f"Rating model (pointwise hint, biasedmf): trained, held-out RMSE "
+            f"{rating.metrics['valid'].get('rmse', float('nan')):.4f} in {rating.seconds:.1f} s; "
+            "stored with every model of this run (tuning reuses the champion's)."
+        )
+    else:
+        lines.append(
+            "Rating model (pointwise hint): not trained (see the logs); this run's models are "
+            "stored without one, and tuning on them fits its own."
+        )
     lines.append("")
     lines += [f"- {o.kind} (model {o.model_id}): {o.reason}" for o in outcomes if o is not winner]
     lines += [f"- {kind}: training failed (see the task run's logs)" for kind in failed]

@@ -3,6 +3,8 @@ retry policy for transient failures."""
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -93,9 +95,20 @@ def resolve_database(settings: Settings) -> str:
     return url
 
 
+_STORES: dict[tuple[int, Any], Any] = {}
+_STORES_LOCK = threading.Lock()
+
+
 def store_for(settings: Settings) -> Any:
-    """The S3 artifact store of the settings (the local SeaweedFS when none is configured)."""
+    """The S3 artifact store of the settings (the local SeaweedFS when none is configured), one
+    per process and endpoint/credentials: a ranking run's shards share its S3 client (boto3
+    clients are thread-safe; building one costs tens of milliseconds)."""
     from recranker_core.stack import s3_config
     from recranker_core.store import S3ArtifactStore
 
-    return S3ArtifactStore(s3_config(settings))
+    config = s3_config(settings)
+    key = (os.getpid(), config)
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = S3ArtifactStore(config)
+        return _STORES[key]

@@ -33,6 +33,7 @@ def evaluate_objective_task(
     whose test item is a candidate)."""
     import numpy as np
 
+    from recranker_core.base.rating import RatingHints
     from recranker_core.errors import ConfigError
     from recranker_core.ranker.batch import load_ranker
     from recranker_core.ranker.bias import position_bias
@@ -47,7 +48,8 @@ def evaluate_objective_task(
     if ranker is None:  # load_ranker returns None only without any adapter
         raise ConfigError(f"adapter {record.adapter_id} could not be loaded")
     settings = ranker.settings_for(settings)
-    hints = BaseHints(ctx)
+    # The rating model this adapter was tuned with (the one serving reads).
+    hints = BaseHints(ctx, RatingHints(ranker.rating, ctx.data))
     report, scored = evaluate(
         ctx,
         catalog,

@@ -99,11 +99,13 @@ def rank_shard_task(
 ) -> dict[str, Any]:
     """Rank one shard and write its rows in one transaction (idempotent: a retry, or the same
     shard run twice, replaces its rows). The models come from this process's serving cache
-    (fetched from S3 and verified once per process), the users' data from PostgreSQL; mode
+    (fetched from S3 and verified once per process), the users' data from PostgreSQL (read
+    once per shard, on a connection of the process's pool); mode
     `fused` re-ranks with `fused_weights` (base, pointwise, pairwise, listwise), decided once
     for the run."""
     import time
 
+    from recranker_core.db.pool import pooled
     from recranker_core.interrupts import check_stop
     from recranker_core.ranker.batch import rank_shard, serving_models
     from recranker_core.ranker.fusion import FusedWeights
@@ -112,8 +114,10 @@ def rank_shard_task(
     check_stop()
     started = time.perf_counter()
     models = serving_models(database_url, store_for(settings), settings, model_id, adapter_id)
+    # This process's pool: thousands of shards in a run, not a connection set-up per read.
+    db = pooled(database_url)
     result = rank_shard(
-        database_url,
+        db,
         models.champion,
         models.ranker,
         models.catalog,
@@ -127,7 +131,7 @@ def rank_shard_task(
     seconds = time.perf_counter() - started
     check_stop()  # a stopped run writes no more shards
     written = write_shard(
-        database_url,
+        db,
         run_id,
         shard,
         result.rows,

@@ -20,9 +20,12 @@ from tasks.common import TRANSIENT_RETRIES, store_for
     cache_policy=NO_CACHE,
     **TRANSIENT_RETRIES,
 )
-def load_base_task(database_url: str, settings: Settings) -> BaseContext:
-    """The champion base model, its split, and the hint regressor trained on that split."""
-    from recranker_core.ranker.tuning import load_base_context, train_hint_regressor
+def load_base_task(database_url: str, settings: Settings, hint_ratings: bool = True) -> BaseContext:
+    """The champion base model, its split, and (`hint_ratings`) the rating model behind the
+    pointwise hint: the one stored with the champion by its retrain, reused, or for a champion
+    stored without one, fitted on its split now. An evaluation reads the adapter's own rating
+    model instead and passes hint_ratings=False."""
+    from recranker_core.ranker.tuning import hint_rating_model, load_base_context
 
     ctx = load_base_context(
         database_url,
@@ -30,8 +33,10 @@ def load_base_task(database_url: str, settings: Settings) -> BaseContext:
         settings.home / "cache" / "artifacts",
         settings.retrain.like_threshold,
     )
-    train_hint_regressor(ctx, settings)
-    get_run_logger().info("base model %d (%s); hint regressor trained", ctx.model_id, ctx.kind)
+    logger = get_run_logger()
+    logger.info("base model %d (%s)", ctx.model_id, ctx.kind)
+    if hint_ratings:
+        logger.info("%s", hint_rating_model(ctx, settings))
     return ctx
 
 
@@ -161,6 +166,7 @@ def publish_tuning_artifacts(summary: dict[str, Any], counts: dict[str, Any], pr
         "",
         f"- {profile}; backbone {summary['backbone']} on {summary['device']}",
         f"- data: {counts}",
+        f"- hint rating model: {_rating_line(summary.get('rating_model') or {})}",
         f"- {summary['steps']} steps in {summary['seconds']} s "
         f"({summary['tokens_per_second']} tokens/s); kept step {summary['best_step']}",
         f"- validation (fixed users, NDCG@3, cross-fitted): fused {fusion['fused_ndcg']:.4f}, "
@@ -176,3 +182,13 @@ def publish_tuning_artifacts(summary: dict[str, Any], counts: dict[str, Any], pr
     create_markdown_artifact(
         key="ranker-tuning", markdown="\n".join(lines), description="What was tuned and promoted"
     )
+
+
+def _rating_line(rating: dict[str, Any]) -> str:
+    rmse = "unknown" if rating.get("rmse") is None else f"{float(rating['rmse']):.4f}"
+    if rating.get("model_id") is not None:
+        return (
+            f"reused champion model {rating['model_id']}'s (sha256 {rating['sha256'][:12]}, "
+            f"held-out RMSE {rmse}); no fit"
+        )
+    return f"fitted by this run (held-out RMSE {rmse}); stored with the adapter"

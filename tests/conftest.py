@@ -13,6 +13,10 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Tests read run logs (on stderr and in Prefect's log table): the same logging whatever the
+# environment of the machine running them says (a CI that quiets Prefect to WARNING, say).
+os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "true"
 
 MACHINE_PG = os.environ.get("RECRANKER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from recranker_core.base.onnx_export import OnnxScorer, pad_exclusions
 from recranker_core.db.connect import connect
+from recranker_core.db.pool import Connections, connections_for
 from recranker_core.errors import ArtifactIntegrityError, DataError
 from recranker_core.store import ArtifactStore, fetch_registered
 
@@ -185,8 +186,37 @@ class CandidateStats:
     cold_users: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class UserHistory:
+    """A user's interactions up to the watermark, in time order (ties by item id)."""
+
+    items: list[str]
+    ratings: list[float]
+
+
+def read_histories(
+    db: str | Connections, users: list[str], watermark: datetime
+) -> dict[str, UserHistory]:
+    """Every interaction of `users` up to the watermark, in one query: a ranking shard's
+    candidates (exclusions, like sequences), prompts and cold users' lists all read these
+    (three reads of the same rows before). A user with none maps to an empty history."""
+    items: dict[str, list[str]] = {u: [] for u in users}
+    ratings: dict[str, list[float]] = {u: [] for u in users}
+    with connections_for(db).connection() as conn:
+        rows = conn.execute(
+            "SELECT user_id, item_id, rating FROM recranker.interactions "
+            "WHERE user_id = ANY(%s) AND event_ts <= %s ORDER BY user_id, event_ts, item_id",
+            (users, watermark),
+        )
+        for user, item, rating in rows:
+            items[user].append(item)
+            # An implicit interaction (no rating) is never a like: NaN compares false.
+            ratings[user].append(float("nan") if rating is None else float(rating))
+    return {u: UserHistory(items[u], ratings[u]) for u in users}
+
+
 def champion_candidates(
-    database_url: str,
+    db: str | Connections,
     champion: ChampionScorer,
     user_ids: list[str],
     watermark: datetime,
@@ -194,11 +224,13 @@ def champion_candidates(
     chunk_size: int = 4096,
     stats: CandidateStats | None = None,
     like_threshold: float = 4.0,
+    histories: dict[str, UserHistory] | None = None,
 ) -> Iterator[list[UserCandidates]]:
     """Top-N candidates of `user_ids` from the champion, one list per chunk of users.
 
     Each chunk reads its users' interactions up to the watermark itself (exclusions, and the
-    like sequence for sequence models), so memory is bounded by the chunk. Every item a user
+    like sequence for sequence models), so memory is bounded by the chunk, unless the caller
+    read them already (`histories`: a ranking shard reads its users' once). Every item a user
     interacted with is excluded. Users unknown to the champion are counted as cold and skipped.
     """
     stats = stats if stats is not None else CandidateStats()
@@ -212,7 +244,8 @@ def champion_candidates(
         stats.cold_users.extend(cold[: max(0, 100 - len(stats.cold_users))])
         if not known:
             continue
-        seen, likes = _user_items(database_url, known, watermark, item_index, like_threshold)
+        read = histories if histories is not None else read_histories(db, known, watermark)
+        seen, likes = _user_items({u: read[u] for u in known}, item_index, like_threshold)
         users = np.array([champion.user_index[u] for u in known], dtype=np.int64)
         extra: tuple[npt.NDArray[np.int64], ...] = ()
         if champion.sequence_len is not None:
@@ -237,31 +270,19 @@ def champion_candidates(
 
 
 def _user_items(
-    database_url: str,
-    users: list[str],
-    watermark: datetime,
-    item_index: dict[str, int],
-    like_threshold: float,
+    histories: dict[str, UserHistory], item_index: dict[str, int], like_threshold: float
 ) -> tuple[dict[str, npt.NDArray[np.int32]], dict[str, npt.NDArray[np.int32]]]:
     """Per user: every item interacted with up to the watermark (model indices), and the liked
     ones in time order (ties by item id) for sequence models. Items the model does not know are
     dropped: it can neither recommend nor read them."""
-    seen: dict[str, list[int]] = {u: [] for u in users}
-    likes: dict[str, list[int]] = {u: [] for u in users}
-    with connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT user_id, item_id, rating >= %s FROM recranker.interactions "
-            "WHERE user_id = ANY(%s) AND event_ts <= %s ORDER BY user_id, event_ts, item_id",
-            (like_threshold, users, watermark),
-        )
-        for user, item, liked in rows:
-            index = item_index.get(item)
-            if index is None:
-                continue
-            seen[user].append(index)
-            if liked:
-                likes[user].append(index)
-    return (
-        {u: np.unique(np.array(v, dtype=np.int32)) for u, v in seen.items()},
-        {u: np.array(v, dtype=np.int32) for u, v in likes.items()},
-    )
+    seen: dict[str, npt.NDArray[np.int32]] = {}
+    likes: dict[str, npt.NDArray[np.int32]] = {}
+    for user, history in histories.items():
+        known = [
+            (index, rating)
+            for item, rating in zip(history.items, history.ratings, strict=True)
+            if (index := item_index.get(item)) is not None
+        ]
+        seen[user] = np.unique(np.array([i for i, _ in known], dtype=np.int32))
+        likes[user] = np.array([i for i, r in known if r >= like_threshold], dtype=np.int32)
+    return seen, likes

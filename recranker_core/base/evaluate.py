@@ -1,9 +1,13 @@
 """Full-ranking evaluation of a base model on the protocol's split: for each evaluable user,
-score every item, drop the items the protocol excludes, and find the held-out item's rank."""
+score every item, drop the items the protocol excludes, and find the held-out item's rank; and
+which users a measurement read, so that two measurements are compared only on the same users."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -125,3 +129,96 @@ def sample_evaluable_users(
         return None
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(users, size=max_users, replace=False)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """The users a model's registered metrics were measured on (stored as `metrics["sample"]`).
+    Two measurements are comparable only when all four fields are equal: the same users (count
+    and sha256 of their sorted ids) of the same split (watermark and like threshold decide the
+    held-out items). Another sample size or seed (`base.eval_max_users`, `base.seed`) or a later
+    watermark gives other users or other held-out items."""
+
+    n_users: int
+    users_hash: str
+    data_watermark: str | None
+    like_threshold: float
+
+    @classmethod
+    def of(cls, data: SplitData, users: npt.NDArray[np.int64] | None) -> EvalSample:
+        """The sample `users` of `data` (None: every evaluable user, as `evaluate_scores`)."""
+        chosen = data.evaluable_users() if users is None else users
+        ids = [data.user_ids[int(u)] for u in chosen]
+        return cls(
+            n_users=len(ids),
+            users_hash=user_ids_hash(ids),
+            data_watermark=data.watermark.isoformat() if data.watermark else None,
+            like_threshold=float(data.like_threshold),
+        )
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> EvalSample | None:
+        """The sample stored with registered metrics; None for metrics registered before samples
+        were recorded (their users are unknown)."""
+        stored = metrics.get("sample")
+        if not isinstance(stored, dict):
+            return None
+        try:
+            return cls(
+                n_users=int(stored["n_users"]),
+                users_hash=str(stored["users_hash"]),
+                data_watermark=stored.get("data_watermark"),
+                like_threshold=float(stored["like_threshold"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"{self.n_users} users of the split as of {self.data_watermark or 'all data'}"
+
+
+def user_ids_hash(user_ids: Iterable[str]) -> str:
+    """sha256 of the sorted user ids: ids, not indices, because indices differ between splits.
+
+    >>> user_ids_hash(["b", "a"]) == user_ids_hash(["a", "b"])
+    True
+    """
+    return hashlib.sha256("\n".join(sorted(user_ids)).encode()).hexdigest()
+
+
+def scores_across_splits(
+    model: Any, model_user_ids: Sequence[str], model_item_ids: Sequence[str], data: SplitData
+) -> ScoreFn:
+    """Scores of `data`'s users and items by `model`, which was trained on another split and
+    indexes users and items by its own ids (`model_user_ids`, `model_item_ids`), as it would
+    serve them. A user it never saw gets no candidates at serving: every item scores the same
+    for them (ties count against the held-out item, so they add nothing). An item it never saw
+    scores below every item it knows. A sequence model reads each user's train likes of `data`
+    (the items it knows)."""
+    user_index = {u: n for n, u in enumerate(model_user_ids)}
+    item_index = {i: n for n, i in enumerate(model_item_ids)}
+    users = np.array([user_index.get(u, -1) for u in data.user_ids], dtype=np.int64)
+    items = np.array([item_index.get(i, -1) for i in data.item_ids], dtype=np.int64)
+    known = np.flatnonzero(items >= 0)
+    sequences = None
+    if hasattr(model, "sequence_scores"):
+        sequences = [items[s][items[s] >= 0] for s in data.train_sequences]
+
+    def score(batch: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
+        out = np.zeros((batch.size, data.n_items), dtype=np.float32)
+        rows = np.flatnonzero(users[batch] >= 0)
+        if rows.size == 0 or known.size == 0:
+            return out
+        if sequences is not None:
+            theirs = model.sequence_scores(batch[rows], sequences)
+        else:
+            theirs = model.full_scores(users[batch][rows])
+        mine = np.asarray(theirs, dtype=np.float32)[:, items[known]]
+        out[rows] = (mine.min(axis=1) - 1.0)[:, None]
+        out[rows[:, None], known[None, :]] = mine
+        return out
+
+    return score

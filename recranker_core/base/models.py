@@ -169,15 +169,19 @@ def _bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 class MF(_Recommender):
-    """Matrix factorisation trained with BPR: score(u, i) = <p_u, q_i>."""
+    """Matrix factorisation trained with BPR: score(u, i) = <p_u, q_i>.
+
+    The tables are sparse embeddings: a batch's gradient holds only the rows it read, so the
+    trainer's SparseAdam step costs the batch, not the table (`sparse` changes only the
+    gradient; scoring and the exported graph read the weights as before)."""
 
     kind = "mf"
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64) -> None:
         super().__init__(n_users, n_items)
         self.hparams = {"n_users": n_users, "n_items": n_items, "dim": dim}
-        self.user_emb = nn.Embedding(n_users, dim)
-        self.item_emb = nn.Embedding(n_items, dim)
+        self.user_emb = nn.Embedding(n_users, dim, sparse=True)
+        self.item_emb = nn.Embedding(n_items, dim, sparse=True)
         nn.init.normal_(self.user_emb.weight, std=0.1)
         nn.init.normal_(self.item_emb.weight, std=0.1)
 
@@ -187,7 +191,8 @@ class MF(_Recommender):
         u, p, n = self.user_emb(users), self.item_emb(pos), self.item_emb(neg)
         loss = _bpr((u * p).sum(1), (u * n).sum(1))
         # L2 on the rows in the batch only (as in the BPR and LightGCN papers), not Adam's
-        # weight decay, which would shrink every row at every step.
+        # weight decay, which would shrink every row at every step (and which SparseAdam,
+        # the trainer's optimizer for these tables, does not have).
         reg = (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / (2 * users.shape[0])
         return loss + l2 * reg
 
@@ -475,10 +480,11 @@ class BiasedMF(_Recommender):
         self.rating_min = rating_min
         self.rating_max = rating_max
         self.register_buffer("mean", torch.tensor(float(global_mean)))
-        self.user_bias = nn.Embedding(n_users, 1)
-        self.item_bias = nn.Embedding(n_items, 1)
-        self.user_emb = nn.Embedding(n_users, dim)
-        self.item_emb = nn.Embedding(n_items, dim)
+        # Sparse embeddings, as MF's: a step updates only the rows of the batch's ratings.
+        self.user_bias = nn.Embedding(n_users, 1, sparse=True)
+        self.item_bias = nn.Embedding(n_items, 1, sparse=True)
+        self.user_emb = nn.Embedding(n_users, dim, sparse=True)
+        self.item_emb = nn.Embedding(n_items, dim, sparse=True)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
         nn.init.normal_(self.user_emb.weight, std=0.01)
@@ -486,23 +492,25 @@ class BiasedMF(_Recommender):
 
     def forward_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Unclipped predictions for (user, item) pairs."""
-        return (
-            self.mean
-            + self.user_bias(users).squeeze(-1)
-            + self.item_bias(items).squeeze(-1)
-            + (self.user_emb(users) * self.item_emb(items)).sum(-1)
-        )
+        return self._pairs(users, items)[0]
+
+    def _pairs(
+        self, users: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Predictions and the rows they read (for the loss's L2 term)."""
+        bu, bi = self.user_bias(users), self.item_bias(items)
+        p, q = self.user_emb(users), self.item_emb(items)
+        pred = self.mean + bu.squeeze(-1) + bi.squeeze(-1) + (p * q).sum(-1)
+        return pred, [bu, bi, p, q]
 
     def mse_loss(
         self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, l2: float
     ) -> torch.Tensor:
-        err = F.mse_loss(self.forward_pairs(users, items), ratings)
-        reg = (
-            self.user_emb(users).pow(2).sum()
-            + self.item_emb(items).pow(2).sum()
-            + self.user_bias(users).pow(2).sum()
-            + self.item_bias(items).pow(2).sum()
-        ) / users.shape[0]
+        pred, rows = self._pairs(users, items)
+        err = F.mse_loss(pred, ratings)
+        # L2 on the rows in the batch only (SparseAdam has no weight decay, and decay would
+        # shrink every row at every step).
+        reg = torch.stack([r.pow(2).sum() for r in rows]).sum() / users.shape[0]
         return err + l2 * reg
 
     def predict(self, users: npt.ArrayLike, items: npt.ArrayLike) -> Float32Array:

@@ -1,6 +1,7 @@
 """One base-model retrain, end to end: train on the split, export the ONNX top-k scorer with a
-parity check, store weights + ONNX + id maps + metrics as one artifact with a manifest, register
-it, and promote it only if the gate says so. A failed or worse retrain leaves the champion."""
+parity check, store weights + ONNX + id maps + metrics (+ the run's rating model) as one artifact
+with a manifest, register it, and promote it only if the gate says so, the champion measured on
+the candidate's users. A failed or worse retrain leaves the champion."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from recranker_core import registry
+from recranker_core.base.evaluate import EvalSample
 from recranker_core.base.split import SplitData
+
+if TYPE_CHECKING:
+    from recranker_core.base.train import TrainResult
+    from recranker_core.config import BaseTrainSettings
+    from recranker_core.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +34,35 @@ PARITY_USERS = 64
 class RetrainOutcome:
     kind: str
     model_id: int
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, Any]]  # "valid", "test", and "sample": the users (EvalSample)
     promoted: bool
     reason: str
     artifact_uri: str
     seconds: dict[str, float] = field(default_factory=dict)
     parity_max_abs_diff: float = 0.0
+    rating_model: dict[str, Any] | None = None  # lineage of the rating model stored with it
+    gate: dict[str, Any] = field(default_factory=dict)  # the gate's record (the best only)
 
 
 def write_artifact(
-    directory: Path, model: Any, data: SplitData, metrics: dict[str, Any], k: int
+    directory: Path,
+    model: Any,
+    data: SplitData,
+    metrics: dict[str, Any],
+    k: int,
+    rating: Any = None,
 ) -> float:
-    """Weights (safetensors + JSON), ONNX scorer, id maps and metrics into `directory`; returns
-    the parity diff."""
+    """Weights (safetensors + JSON), ONNX scorer, id maps and metrics into `directory`, and the
+    rating model `rating` (fitted on the same split, so the id maps index it too) when given;
+    returns the parity diff."""
     from recranker_core.base.models import pad_sequences, write_state
     from recranker_core.base.onnx_export import export_topk, pad_exclusions
+    from recranker_core.base.rating import RATING_STEM
 
     directory.mkdir(parents=True, exist_ok=True)
     write_state(model, directory, "model")
+    if rating is not None:
+        write_state(rating, directory, RATING_STEM)
     (directory / "user_ids.json").write_text(json.dumps(data.user_ids))
     (directory / "item_ids.json").write_text(json.dumps(data.item_ids))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -76,15 +95,23 @@ def train_candidate(
     database_url: str,
     *,
     k: int = 10,
+    rating: TrainResult | None = None,
 ) -> RetrainOutcome:
-    """Train one model kind, export and store it, and register it as a candidate."""
-    from recranker_core.base.train import train_model
+    """Train one model kind, export and store it (with the run's rating model `rating`, fitted
+    on the same split, when given), and register it as a candidate. Its metrics carry the users
+    they were measured on (`metrics["sample"]`), which the gate compares."""
+    from recranker_core.base.rating import rating_lineage
+    from recranker_core.base.train import evaluation_users, train_model
 
     result = train_model(kind, data, train_settings)
-    metrics = result.metrics
+    sample = EvalSample.of(data, evaluation_users(data, train_settings))
+    metrics: dict[str, dict[str, Any]] = {**result.metrics, "sample": sample.as_json()}
+    rating_info = rating_lineage(rating) if rating is not None else None
     with tempfile.TemporaryDirectory(prefix=f"recranker-{kind}-") as tmp:
         local = Path(tmp) / "artifact"
-        diff = write_artifact(local, result.model, data, metrics, k)
+        diff = write_artifact(
+            local, result.model, data, metrics, k, rating.model if rating is not None else None
+        )
         stamp = data.watermark.strftime("%Y%m%dT%H%M%S") if data.watermark else "all"
         prefix = f"models/{kind}/{stamp}-{uuid.uuid4().hex[:8]}"
         meta = {
@@ -93,6 +120,7 @@ def train_candidate(
             "hyperparameters": result.hyperparameters,
             "data_watermark": data.watermark.isoformat() if data.watermark else None,
             "split": data.stats,
+            "rating_model": rating_info,
         }
         stored = store.put_directory(local, prefix, meta)
     model_id = registry.register_model(
@@ -108,6 +136,7 @@ def train_candidate(
             "best_epoch": result.best_epoch,
             "like_threshold": data.like_threshold,
             "prefix": stored.prefix,
+            "rating_model": rating_info,
         },
     )
     return RetrainOutcome(
@@ -119,19 +148,36 @@ def train_candidate(
         stored.uri,
         {"train": round(result.seconds, 2)},
         diff,
+        rating_info,
     )
 
 
 def promote_best(
-    outcomes: list[RetrainOutcome], database_url: str, tolerance: float
+    outcomes: list[RetrainOutcome],
+    data: SplitData,
+    train_settings: BaseTrainSettings,
+    store: ArtifactStore,
+    cache_root: Path,
+    database_url: str,
+    tolerance: float,
 ) -> RetrainOutcome | None:
     """Gate the run's best candidate (validation NDCG@10) against the champion; the others are
-    rejected as not the best of the run. Returns the promoted outcome, if any."""
+    rejected as not the best of the run. Returns the promoted outcome, if any.
+
+    The champion's registered metric was measured on its own users (another sample size or
+    seed, an earlier split, or unknown for a model registered before samples were recorded).
+    When they are not the candidate's users, the champion is loaded from the store and measured
+    again on them (`measure_registered`) before the comparison; the gate's record (stored in
+    the candidate's lineage as `gate`) says both sides' sample sizes and whether it was. A
+    champion that cannot be loaded (ArtifactIntegrityError) stops the gate, loudly: the run's
+    best model stays a candidate (`recranker models promote ID` after a look)."""
+    from recranker_core.base.train import evaluation_users
+
     if not outcomes:
         return None
 
     def valid_ndcg(o: RetrainOutcome) -> float:
-        return o.metrics.get("valid", {}).get(registry.GATE_METRIC, float("-inf"))
+        return float(o.metrics.get("valid", {}).get(registry.GATE_METRIC, float("-inf")))
 
     best = max(outcomes, key=valid_ndcg)
     for other in outcomes:
@@ -141,11 +187,60 @@ def promote_best(
                 f"{valid_ndcg(other):.4f} validation {registry.GATE_METRIC})"
             )
             registry.reject(database_url, other.model_id, other.reason)
-    decision = registry.gate(best.metrics, registry.champion(database_url), tolerance)
+    current = registry.champion(database_url)
+    remeasured = None
+    if current is not None:
+        mine = EvalSample.from_metrics(best.metrics)
+        theirs = EvalSample.from_metrics(current.metrics)
+        if theirs != mine:
+            users = evaluation_users(data, train_settings)
+            remeasured = measure_registered(current, data, users, store, cache_root)
+            log.info(
+                "champion %s was measured on %s; re-measured on the candidate's %s: validation "
+                "%s %.4f",
+                current.label,
+                theirs.describe() if theirs else "users that were not recorded",
+                EvalSample.of(data, users).describe(),
+                registry.GATE_METRIC,
+                remeasured["valid"].get(registry.GATE_METRIC, float("nan")),
+            )
+    decision = registry.gate(best.metrics, current, tolerance, remeasured=remeasured)
     best.reason = decision.reason
+    best.gate = {"model_id": best.model_id, **decision.record}
     if decision.promote:
-        registry.promote(database_url, best.model_id, decision.reason)
+        registry.promote(database_url, best.model_id, decision.reason, gate=best.gate)
         best.promoted = True
         return best
-    registry.reject(database_url, best.model_id, decision.reason)
+    registry.reject(database_url, best.model_id, decision.reason, gate=best.gate)
     return None
+
+
+def measure_registered(
+    record: registry.ModelRecord,
+    data: SplitData,
+    users: npt.NDArray[np.int64] | None,
+    store: ArtifactStore,
+    cache_root: Path,
+) -> dict[str, Any]:
+    """Validation metrics of registered model `record` on `users` of `data` (None: every
+    evaluable user), as it would serve them (`scores_across_splits`: its own users and items
+    mapped by id), with the sample they were measured on: {"valid": {...}, "sample": {...}}.
+    The model is fetched from the store and checked against its registry row like any load."""
+    from recranker_core.base.candidates import fetch_model
+    from recranker_core.base.evaluate import scores_across_splits, target_ranks
+    from recranker_core.base.models import read_state
+    from recranker_core.metrics import DEFAULT_KS, rank_metrics
+
+    directory = fetch_model(record, store, cache_root)
+    model = read_state(directory, "model")
+    score_fn = scores_across_splits(
+        model,
+        json.loads((directory / "user_ids.json").read_text()),
+        json.loads((directory / "item_ids.json").read_text()),
+        data,
+    )
+    ranks = target_ranks(score_fn, data, "valid", users)
+    return {
+        "valid": rank_metrics(ranks, DEFAULT_KS),
+        "sample": EvalSample.of(data, users).as_json(),
+    }

@@ -180,6 +180,34 @@ class EarlyStopping:
             model.load_state_dict(self.best_state)
 
 
+def adam_optimizers(model: torch.nn.Module, lr: float) -> list[torch.optim.Optimizer]:
+    """Adam for a model whose embedding tables may be sparse: SparseAdam for the weights of
+    `sparse=True` embeddings (lazy Adam: only the rows a batch read move, and only their moments
+    decay, so a step costs the batch and not the table), plain Adam for every other parameter.
+    The first step agrees with dense Adam's but for where eps enters (SparseAdam adds it before
+    the bias correction); after that, rows a batch did not read keep still where dense Adam
+    would move them by momentum (tests/unit/test_sparse_training.py)."""
+    import torch
+
+    sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    dense = [p for p in model.parameters() if all(p is not w for w in sparse)]
+    optimizers: list[torch.optim.Optimizer] = []
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+    if dense:
+        optimizers.append(torch.optim.Adam(dense, lr=lr))
+    return optimizers
+
+
+def gradient_step(loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Backpropagate `loss` and step every optimizer (gradients cleared first)."""
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
 def sample_bpr_triples(
     data: SplitData, rng: np.random.Generator
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -211,7 +239,13 @@ def fit_bpr(
     rng: np.random.Generator,
     eval_users: npt.NDArray[np.int64] | None = None,
 ) -> tuple[Any, int, list[dict[str, float]]]:
-    """MF or LightGCN with BPR: each epoch, one negative per train like; Adam."""
+    """MF or LightGCN with BPR: each epoch, one negative per train like; Adam (SparseAdam on
+    MF's tables, see `adam_optimizers`).
+
+    LightGCN stays on dense Adam: every step propagates the whole graph, so the gradient of its
+    layer-0 tables reaches every row within `layers` hops of the batch, which on a connected
+    graph is nearly all of them; a sparse step would skip almost nothing and the propagation
+    (nnz x dim x layers per step) costs more than the Adam step anyway."""
     import torch
     from tqdm import tqdm
 
@@ -225,7 +259,7 @@ def fit_bpr(
         layers = settings.lightgcn.layers
         model = LightGCN(data.n_users, data.n_items, settings.embedding_dim, layers)
         model.set_graph(normalized_adjacency(data))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizers = adam_optimizers(model, cfg.lr)
     stopper = EarlyStopping(cfg.patience)
     history: list[dict[str, float]] = []
 
@@ -238,9 +272,7 @@ def fit_bpr(
         for at in range(0, users.shape[0], cfg.batch_size):
             batch = slice(at, at + cfg.batch_size)
             loss = model.bpr_loss(users[batch], pos[batch], neg[batch], cfg.l2)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            gradient_step(loss, optimizers)
             losses.append(loss.item())
         # 3. evaluate on the validation items, keep the best state, maybe stop
         if epoch % settings.eval_every and epoch != cfg.epochs:
@@ -338,8 +370,9 @@ def fit_sasrec(
 def fit_biasedmf(
     data: SplitData, settings: BaseTrainSettings, rng: np.random.Generator
 ) -> tuple[Any, int, list[dict[str, float]]]:
-    """BiasedMF by MSE on train-period ratings; a random share of them is held out for early
-    stopping and the reported RMSE (validation and test items are never touched)."""
+    """BiasedMF by MSE on train-period ratings (SparseAdam on its tables); a random share of
+    them is held out for early stopping and the reported RMSE (validation and test items are
+    never touched)."""
     import torch
     from tqdm import tqdm
 
@@ -363,7 +396,7 @@ def fit_biasedmf(
         rating_max=float(data.rating_values.max()),
         global_mean=float(data.rating_values[fit].mean()),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizers = adam_optimizers(model, cfg.lr)
     stopper = EarlyStopping(cfg.patience, higher_is_better=False)
     history: list[dict[str, float]] = []
 
@@ -375,9 +408,7 @@ def fit_biasedmf(
         for at in range(0, rows.shape[0], cfg.batch_size):
             b = rows[at : at + cfg.batch_size]
             loss = model.mse_loss(users[b], items[b], ratings[b], cfg.l2)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            gradient_step(loss, optimizers)
             losses.append(loss.item())
         # 2. RMSE of the clipped predictions on the held-out ratings
         if epoch % settings.eval_every and epoch != cfg.epochs:

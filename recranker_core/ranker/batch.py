@@ -6,7 +6,6 @@ the rows to publish. A user the LLM cannot score keeps the base ranking (source 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,9 +18,17 @@ import numpy as np
 import numpy.typing as npt
 
 from recranker_core import registry
-from recranker_core.base.candidates import ChampionScorer, champion_candidates, load_champion
+from recranker_core.base.candidates import (
+    ChampionScorer,
+    UserHistory,
+    champion_candidates,
+    load_champion,
+    read_histories,
+)
+from recranker_core.base.rating import RatingHints, RatingModel
 from recranker_core.base.split import SplitData
 from recranker_core.db.connect import connect
+from recranker_core.db.pool import Connections
 from recranker_core.errors import ArtifactIntegrityError, ConfigError
 from recranker_core.interrupts import check_stop
 from recranker_core.ranker.fusion import FusedWeights, fused_utilities
@@ -82,8 +89,9 @@ def plan_serving(
             None,
             False,
             None,
-            f"mode {mode}: no champion adapter, every user gets the base ranking (source "
-            "'base'); run `recranker tune` first",
+            f"mode {mode}: no champion adapter (none tuned yet, or every tuned one was "
+            "rejected by its gate: `recranker adapters list` says why), every user gets the "
+            "base ranking (source 'base')",
             {"served": "base", "source": "no adapter"} if mode == "fused" else None,
         )
     if mode != "fused":
@@ -125,14 +133,13 @@ def plan_serving(
 
 @dataclass
 class Ranker:
-    """The LLM with the champion adapter applied, and the adapter's hint regressor."""
+    """The LLM with the champion adapter applied, and the rating model its pointwise hint reads
+    (the one it was tuned with: `base.rating.adapter_rating_model`)."""
 
     model: Any
     tokenizer: Any
     adapter: registry.AdapterRecord
-    regressor: Any
-    regressor_users: dict[str, int]
-    regressor_items: dict[str, int]
+    rating: RatingModel
     backbone_id: str
     device: str
 
@@ -152,10 +159,12 @@ def load_ranker(
     database_url: str, store: Any, settings: Any, record: registry.AdapterRecord | None = None
 ) -> Ranker | None:
     """`record` (default: the champion adapter) on the configured backbone (checksums, backbone
-    and template verified); None when no adapter has been tuned yet (the run is then base-only)."""
+    and template verified), with the rating model it was tuned with (the champion base model's
+    in the usual case; see `adapter_rating_model`); None when no adapter has been tuned yet (the
+    run is then base-only)."""
     from peft import PeftModel
 
-    from recranker_core.base.models import read_state
+    from recranker_core.base.rating import adapter_rating_model
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.tuning import fetch_adapter
 
@@ -164,19 +173,16 @@ def load_ranker(
         log.warning("no champion adapter: every user gets the base ranking (source 'base')")
         return None
     backbone = load_backbone(settings.backbone, settings.home)
-    directory = fetch_adapter(
-        record, store, settings.home / "cache" / "artifacts", backbone.backbone_hash
-    )
+    cache = settings.home / "cache" / "artifacts"
+    directory = fetch_adapter(record, store, cache, backbone.backbone_hash)
     if not (directory / "adapter_model.safetensors").is_file():
         raise ArtifactIntegrityError(
             f"{record.label}: no adapter_model.safetensors in {directory}; only safetensors "
             "weights are loaded: tune a new adapter (`recranker tune`)"
         )
+    rating = adapter_rating_model(record, directory, database_url, store, cache)
     model = PeftModel.from_pretrained(backbone.model, directory)
     model.eval()
-    regressor = read_state(directory, "hint_regressor")
-    users = json.loads((directory / "user_ids.json").read_text())
-    items = json.loads((directory / "item_ids.json").read_text())
     log.info("ranker: %s on %s (%s)", record.label, backbone.backbone_id, backbone.device)
     if record.template_version != settings.prompts.template:
         log.info(
@@ -186,47 +192,34 @@ def load_ranker(
             record.template_version,
             settings.prompts.template,
         )
-    return Ranker(
-        model,
-        backbone.tokenizer,
-        record,
-        regressor,
-        {u: n for n, u in enumerate(users)},
-        {i: n for n, i in enumerate(items)},
-        backbone.backbone_id,
-        backbone.device,
-    )
+    return Ranker(model, backbone.tokenizer, record, rating, backbone.backbone_id, backbone.device)
 
 
 def serving_split(
-    database_url: str,
+    histories: dict[str, UserHistory],
     user_ids: list[str],
     watermark: datetime,
     item_ids: list[str],
     like_threshold: float,
     item_index: dict[str, int] | None = None,
 ) -> SplitData:
-    """The users' ratings up to the watermark as a SplitData with nothing held out, indexed by
-    `user_ids` and the champion's `item_ids` (`item_index`: their positions, when the caller
-    holds them already): at serving time the whole history is "train"."""
+    """The users' ratings up to the watermark (`histories`, from `read_histories`) as a
+    SplitData with nothing held out, indexed by `user_ids` and the champion's `item_ids`
+    (`item_index`: their positions, when the caller holds them already): at serving time the
+    whole history is "train"."""
     if item_index is None:
         item_index = {item: n for n, item in enumerate(item_ids)}
-    user_index = {user: n for n, user in enumerate(user_ids)}
     us: list[int] = []
     its: list[int] = []
     vals: list[float] = []
-    with connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT user_id, item_id, rating FROM recranker.interactions "
-            "WHERE user_id = ANY(%s) AND event_ts <= %s ORDER BY user_id, event_ts, item_id",
-            (user_ids, watermark),
-        )
-        for user, item, rating in rows:
+    for n, user in enumerate(user_ids):
+        history = histories[user]
+        for item, rating in zip(history.items, history.ratings, strict=True):
             index = item_index.get(item)
             if index is not None:
-                us.append(user_index[user])
+                us.append(n)
                 its.append(index)
-                vals.append(float(rating))
+                vals.append(rating)
     u = np.array(us, dtype=np.int32)
     i = np.array(its, dtype=np.int32)
     v = np.array(vals, dtype=np.float32)
@@ -273,7 +266,7 @@ def serving_split(
 
 class ServingHints:
     """Hints at serving time: the champion's candidate scores (its order of the candidates) and
-    the adapter's rating regressor (global mean for a user or item it never saw)."""
+    the ranker's rating model (global mean for a user or item it never saw)."""
 
     def __init__(
         self, data: SplitData, ranker: Ranker, candidate_scores: dict[int, dict[int, float]]
@@ -281,7 +274,7 @@ class ServingHints:
         self.data = data
         self.ranker = ranker
         self.candidate_scores = candidate_scores
-        self.mean = float(ranker.regressor.hparams.get("global_mean", 3.0))
+        self.ratings = RatingHints(ranker.rating, data)
 
     def item_scores(self, user: int) -> npt.NDArray[np.floating]:
         scores = np.full(self.data.n_items, -np.inf)
@@ -290,19 +283,7 @@ class ServingHints:
         return scores
 
     def predict_ratings(self, user: int, items: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
-        out = np.full(len(items), self.mean)
-        u = self.ranker.regressor_users.get(self.data.user_ids[user])
-        if u is None:
-            return out
-        known = [
-            (n, j)
-            for n, item in enumerate(np.asarray(items).tolist())
-            if (j := self.ranker.regressor_items.get(self.data.item_ids[item])) is not None
-        ]
-        if known:
-            rows, cols = zip(*known, strict=True)
-            out[list(rows)] = self.ranker.regressor.predict(np.full(len(cols), u), np.array(cols))
-        return out
+        return self.ratings.predict_ratings(user, items)
 
 
 @dataclass
@@ -319,7 +300,7 @@ class ShardResult:
 
 
 def rank_shard(
-    database_url: str,
+    db: str | Connections,
     champion: ChampionScorer,
     ranker: Ranker | None,
     catalog: Catalog | None,
@@ -336,7 +317,11 @@ def rank_shard(
     `fused` the utilities are `fused_utilities` with `fused` (default: the weights the ranker's
     adapter's stored decision serves; none: the base order, without the LLM). Users the
     champion has never seen (cold: no embedding, no candidates) get the most `popular` items
-    they have not interacted with, as base rows."""
+    they have not interacted with, as base rows.
+
+    The shard's users' interactions are read once (one query, on a connection from `db`: a
+    URL opens a fresh one, a worker passes its pool) and serve the candidates, the prompts and
+    the cold users' lists."""
     from recranker_core.ranker.score import score_users
 
     rank = settings.rank
@@ -351,15 +336,17 @@ def rank_shard(
     if rank.mode == "fused":
         use_llm = use_llm and fused is not None and bool(fused.tasks)
     t0 = time.perf_counter()
+    histories = read_histories(db, user_ids, watermark)
     candidates = [
         c
         for chunk in champion_candidates(
-            database_url,
+            db,
             champion,
             user_ids,
             watermark,
             chunk_size=max(1, min(len(user_ids), settings.rank.chunk_size)),
             like_threshold=settings.retrain.like_threshold,
+            histories=histories,
         )
         for c in chunk
     ]
@@ -370,7 +357,7 @@ def rank_shard(
     reranked: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = {}
     if to_score and ranker is not None and catalog is not None:
         data = serving_split(
-            database_url,
+            histories,
             [c.user_id for c in to_score],
             watermark,
             champion.item_ids,
@@ -474,26 +461,14 @@ def rank_shard(
         served = {c.user_id for c in candidates}
         cold = [u for u in user_ids if u not in served]
         if cold:
-            interacted = _interacted(database_url, cold, watermark)
             for user in cold:
-                picks = [i for i in popular if i not in interacted.get(user, set())][: rank.k]
+                interacted = set(histories[user].items)
+                picks = [i for i in popular if i not in interacted][: rank.k]
                 for r, item in enumerate(picks):
                     result.rows.append(
                         RecommendationRow(user, r + 1, item, float(-r), r + 1, "base")
                     )
     return result
-
-
-def _interacted(database_url: str, users: list[str], watermark: datetime) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    with connect(database_url) as conn:
-        for user, item in conn.execute(
-            "SELECT user_id, item_id FROM recranker.interactions "
-            "WHERE user_id = ANY(%s) AND event_ts <= %s",
-            (users, watermark),
-        ):
-            out.setdefault(user, set()).add(item)
-    return out
 
 
 def popular_items(database_url: str, watermark: datetime, limit: int = 1000) -> list[str]:

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from recranker_core.db.connect import connect
+from recranker_core.db.pool import Connections, connections_for
 from recranker_core.errors import BatchRankBusyError, ConfigError, DataError, RunStateError
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def write_shard(
-    database_url: str,
+    db: str | Connections,
     run_id: str,
     shard: int,
     rows: Iterable[RecommendationRow],
@@ -316,7 +317,7 @@ def write_shard(
     failures, ...), kept with it so that finish_run sums them over every shard of the run.
     """
     wanted = set(users)
-    with connect(database_url) as conn:
+    with connections_for(db).connection() as conn:
         # FOR SHARE lets shards be written in parallel but keeps finish/publish/drop out.
         status = _run_status(conn, run_id, lock="FOR SHARE")
         if status != "running":

@@ -1000,6 +1000,9 @@ def _save_checkpoint(
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint
 
 
+_NOT_TRAJECTORY = ("profile", "guard_users")
+
+
 def _fingerprint(
     examples: Sequence[Any],
     settings: TuneSettings,
@@ -1015,7 +1018,11 @@ def _fingerprint(
         _digest_example(digest, e)
         if e.twin is not None:
             _digest_example(digest, e.twin)
-    digest.update(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode())
+    # Settings read only after training (the guard's users) or only as a label (the profile,
+    # already laid over the others) do not change what a step computes: changing them must not
+    # throw away an hour of checkpointed CPU training.
+    trajectory = settings.model_dump(mode="json", exclude=set(_NOT_TRAJECTORY))
+    digest.update(json.dumps(trajectory, sort_keys=True).encode())
     digest.update(str(getattr(model.config, "_name_or_path", "")).encode())
     digest.update(getattr(loss_fn, "__name__", repr(loss_fn)).encode())
     if init_adapter is not None:

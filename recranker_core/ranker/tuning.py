@@ -40,8 +40,8 @@ CPU_DEMO: dict[str, dict[str, Any]] = {
         "batch_size": 4,
         "grad_accumulation": 2,
         "eval_every": 3,
-        "valid_users": 40,
-        "guard_users": 100,
+        "valid_users": 32,
+        "guard_users": 60,
         "max_length": 768,
         "warmup_steps": 2,
         "cuts_per_user": 2,
@@ -100,7 +100,8 @@ def effective_settings(settings: Settings) -> tuple[Settings, str]:
 
 @dataclass
 class BaseContext:
-    """The champion base model, the split it was trained on, and the hint regressor."""
+    """The champion base model, the split it was trained on, and the rating model behind the
+    pointwise hint (the champion's, stored by its retrain; or fitted by this tuning run)."""
 
     model_id: int
     kind: str
@@ -108,15 +109,20 @@ class BaseContext:
     data: SplitData
     regressor: Any = None  # BiasedMF, trained on the same split's train-period ratings
     best_epoch: int | None = None  # the champion's early-stopped epoch (its shadow trains so long)
+    # Where `regressor` comes from, as the adapter's lineage records it: `stored_rating_model`
+    # of the champion ({"source": "base_model", "model_id", "file", "sha256", "rmse"}), or
+    # {"source": "tuning", ...} when this run fitted it.
+    rating_model: dict[str, Any] = field(default_factory=dict)
 
 
 def load_base_context(
     database_url: str, store: ArtifactStore, cache_root: Path, like_threshold: float
 ) -> BaseContext:
-    """The champion from the store (every file checked against the registry's digests) and the
-    split as of its watermark; the two must index users and items the same way, or the data
-    changed under the champion."""
+    """The champion from the store (every file checked against the registry's digests), with
+    the rating model stored beside it when it has one, and the split as of its watermark; the
+    two must index users and items the same way, or the data changed under the champion."""
     from recranker_core.base.models import read_state
+    from recranker_core.base.rating import RATING_STEM, stored_rating_model
     from recranker_core.base.split import load_split
 
     record = registry.champion(database_url)
@@ -143,29 +149,74 @@ def load_base_context(
         data.stats,
     )
     best = record.lineage.get("best_epoch")
+    rating = stored_rating_model(record)
     return BaseContext(
-        record.model_id, record.kind, model, data, best_epoch=None if best is None else int(best)
+        record.model_id,
+        record.kind,
+        model,
+        data,
+        regressor=read_state(directory, RATING_STEM) if rating else None,
+        best_epoch=None if best is None else int(best),
+        rating_model=rating or {},
     )
 
 
-def train_hint_regressor(ctx: BaseContext, settings: Settings) -> None:
-    """The biased-MF rating regressor behind the pointwise hint, on train-period ratings."""
-    from recranker_core.base.train import train_model
+def hint_rating_model(ctx: BaseContext, settings: Settings) -> str:
+    """Make sure `ctx` has the rating model behind the pointwise hint: the champion's, stored by
+    its retrain (no fit), or, for a champion stored without one (trained before the retrain
+    stored it), one fitted now on its split (the adapter then carries it). Returns the line
+    that says which, also logged."""
+    if ctx.regressor is not None:
+        line = (
+            f"hint rating model: reused champion model {ctx.model_id}'s, trained by its retrain "
+            f"(held-out RMSE {_rmse(ctx.rating_model.get('rmse'))}, sha256 "
+            f"{str(ctx.rating_model.get('sha256', ''))[:12]}); no rating-model fit"
+        )
+        log.info("%s", line)
+        return line
+    log.info(
+        "champion model %d was stored without a rating model (trained before the base retrain "
+        "stored one with its models): fitting one on its split for the pointwise hint; the "
+        "adapter will carry it",
+        ctx.model_id,
+    )
+    train_hint_regressor(ctx, settings)
+    line = (
+        f"hint rating model: fitted by this run, champion model {ctx.model_id} has none "
+        f"(held-out RMSE {_rmse(ctx.rating_model.get('rmse'))}); stored with the adapter"
+    )
+    log.info("%s", line)
+    return line
 
-    # Only its rating predictions are used: no full-ranking evaluation over every user.
-    result = train_model("biasedmf", ctx.data, settings.base, rank_evaluation=False)
+
+def _rmse(value: Any) -> str:
+    return "unknown" if value is None else f"{float(value):.4f}"
+
+
+def train_hint_regressor(ctx: BaseContext, settings: Settings) -> None:
+    """Fit the biased-MF rating model behind the pointwise hint on `ctx`'s train-period ratings
+    (for a champion stored without one; `hint_rating_model` says when)."""
+    from recranker_core.base.rating import train_rating_model
+
+    result = train_rating_model(ctx.data, settings.base)
     ctx.regressor = result.model
-    log.info("hint regressor: held-out RMSE %.3f", result.metrics["valid"].get("rmse", np.nan))
+    ctx.rating_model = {
+        "source": "tuning",
+        "rmse": result.metrics["valid"].get("rmse"),
+        "seconds": round(result.seconds, 2),
+    }
 
 
 class BaseHints:
-    """Hints from the base models (train period only): the ranker's item scores and the
-    regressor's rating predictions."""
+    """Hints from the base models (train period only): the ranker's item scores and the rating
+    model's predictions (`ratings`, anything with predict_ratings in `ctx`'s indices, e.g. an
+    adapter's own rating model; default: `ctx`'s)."""
 
-    def __init__(self, ctx: BaseContext) -> None:
-        if ctx.regressor is None:
-            raise DataError("the hint regressor is not trained (train_hint_regressor first)")
+    def __init__(self, ctx: BaseContext, ratings: Any = None) -> None:
+        if ctx.regressor is None and ratings is None:
+            raise DataError("no rating model for the hints (hint_rating_model first)")
         self.ctx = ctx
+        self.ratings = ratings
         self._scores: dict[int, npt.NDArray[np.floating]] = {}
 
     def item_scores(self, user: int) -> npt.NDArray[np.floating]:
@@ -177,6 +228,9 @@ class BaseHints:
 
     def predict_ratings(self, user: int, items: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
         items = np.asarray(items, dtype=np.int64)
+        if self.ratings is not None:
+            theirs: npt.NDArray[np.floating] = self.ratings.predict_ratings(user, items)
+            return theirs
         predicted: npt.NDArray[np.floating] = self.ctx.regressor.predict(
             np.full(items.size, user), items
         )
@@ -531,7 +585,9 @@ def run_tuning(
         champion = registry.champion_adapter(database_url)
         mine = None
         if champion is not None:
-            mine = champion_on_users(champion, guard_validator, ctx, catalog, settings, store)
+            mine = champion_on_users(
+                champion, guard_validator, ctx, catalog, settings, store, database_url
+            )
         gate = registry.adapter_gate(decision, mine, settings.tune.promotion_tolerance)
     started_from = {}
     if start is not None:
@@ -562,6 +618,7 @@ def run_tuning(
                 "training_data": settings.tune.training_data,
                 "validation_users": len(valid.users),
                 "validation_hit_share": valid.hit_share,
+                "rating_model": ctx.rating_model,
                 "best_step": result.best_step,
                 "steps": result.steps,
                 "device": backbone.device,
@@ -593,6 +650,7 @@ def run_tuning(
         "device": backbone.device,
         "objective": objective,
         "training_examples": len(examples),
+        "rating_model": ctx.rating_model,
         **started_from,
     }
 
@@ -648,13 +706,16 @@ def champion_on_users(
     catalog: Catalog,
     settings: Settings,
     store: ArtifactStore,
+    database_url: str,
 ) -> Any:
     """The champion adapter's guard decision on the candidate's validation users: the stored
     one when it was measured on the same users, else measured now with the champion's own
-    prompt settings. None when the champion cannot run on the configured backbone (it could
-    not be served either; the candidate is then compared with the base order only)."""
+    prompt settings and rating model (the one it was tuned with). None when the champion cannot
+    run on the configured backbone (it could not be served either; the candidate is then
+    compared with the base order only)."""
     from peft import PeftModel
 
+    from recranker_core.base.rating import RatingHints, adapter_rating_model
     from recranker_core.ranker.backbone import load_backbone
     from recranker_core.ranker.fusion import GuardDecision, users_hash
 
@@ -672,13 +733,14 @@ def champion_on_users(
             champion.label,
         )
         return None
-    directory = fetch_adapter(
-        champion, store, settings.home / "cache" / "artifacts", fresh.backbone_hash
-    )
+    cache = settings.home / "cache" / "artifacts"
+    directory = fetch_adapter(champion, store, cache, fresh.backbone_hash)
     model = PeftModel.from_pretrained(fresh.model, directory)
     model.eval()
+    rating = adapter_rating_model(champion, directory, database_url, store, cache)
+    hints = BaseHints(ctx, RatingHints(rating, ctx.data))
     prompts = validation_prompts(
-        ctx, catalog, BaseHints(ctx), valid, adapter_prompt_settings(champion, settings.prompts)
+        ctx, catalog, hints, valid, adapter_prompt_settings(champion, settings.prompts)
     )
     decision = validator.decide(validator.scored(model, prompts))
     log.info("champion %s on the same validation users: %s", champion.label, decision.reason)
@@ -722,22 +784,28 @@ def publish_adapter(
     database_url: str,
     decision: registry.GateDecision | None,
 ) -> AdapterOutcome:
-    """Store the adapter + hint regressor + metrics with a manifest, register it, and promote or
-    reject it as the gate `decision` says (`adapter_gate`: its fused ranking against the base
-    order and the champion adapter on the same users). Without a decision (an experiment's
-    adapters) it stays a candidate: never champion, never rejected."""
+    """Store the adapter + metrics with a manifest, register it, and promote or reject it as the
+    gate `decision` says (`adapter_gate`: its fused ranking against the base order and the
+    champion adapter on the same users). Without a decision (an experiment's adapters) it stays
+    a candidate: never champion, never rejected.
+
+    The rating model it was tuned with is named in its lineage (`rating_model`); the adapter
+    carries a copy only when this run fitted it (a champion stored without one): see
+    `base.rating.adapter_rating_model` for why and how serving finds it."""
     import shutil
 
     from recranker_core.base.models import write_state
+    from recranker_core.base.rating import ADAPTER_STEM
 
     with tempfile.TemporaryDirectory(prefix="recranker-adapter-") as tmp:
         local = Path(tmp) / "adapter"
         shutil.copytree(adapter_dir, local)
-        write_state(ctx.regressor, local, "hint_regressor")
-        # The regressor's own index of users and items (the split it was trained on), so that
-        # serving maps ids correctly whatever base model is champion by then.
-        (local / "user_ids.json").write_text(json.dumps(ctx.data.user_ids))
-        (local / "item_ids.json").write_text(json.dumps(ctx.data.item_ids))
+        if ctx.rating_model.get("model_id") is None:
+            write_state(ctx.regressor, local, ADAPTER_STEM)
+            # The rating model's own index of users and items (the split it was trained on),
+            # so that serving maps ids correctly whatever base model is champion by then.
+            (local / "user_ids.json").write_text(json.dumps(ctx.data.user_ids))
+            (local / "item_ids.json").write_text(json.dumps(ctx.data.item_ids))
         (local / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         stamp = ctx.data.watermark.strftime("%Y%m%dT%H%M%S") if ctx.data.watermark else "all"
         prefix = f"adapters/{manifest_meta['objective']}/{stamp}-{uuid.uuid4().hex[:8]}"

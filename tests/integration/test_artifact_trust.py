@@ -123,40 +123,46 @@ def test_a_planted_pickle_with_a_rewritten_manifest_never_runs(
     assert not marker.exists()
 
 
-def test_an_adapter_with_a_planted_hint_regressor_pickle_is_refused(
+def test_the_rankers_rating_model_from_the_champion_refuses_a_planted_pickle(
     champion: dict[str, Any], tmp_path: Path
 ) -> None:
-    """The ranker's path (ranker/batch.py load_ranker): the tuned adapter loads, with its hint
-    regressor from safetensors; the same attack on its files is refused before anything runs."""
+    """The ranker's path (ranker/batch.py load_ranker): the tuned adapter loads, and the rating
+    model of its pointwise hint is the one the retrain stored with the champion (safetensors,
+    listed in the champion's registry row), not a copy in the adapter; the same attack on the
+    champion's rating-model files is refused before anything runs."""
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.ranker.batch import load_ranker
 
-    url, store = champion["url"], champion["store"]
+    url, store, record = champion["url"], champion["store"], champion["record"]
+    assert {"rating_model.json", "rating_model.safetensors"} <= set(record.files)
     summary = tune_ranker_flow(max_steps=1)
     if not summary["promoted"]:  # a gate on a tiny random backbone decides by chance
         registry.promote_adapter(url, int(summary["adapter_id"]), "promoted by the test")
     adapter = registry.champion_adapter(url)
     assert adapter is not None
-    assert {"adapter_model.safetensors", "hint_regressor.safetensors"} <= set(adapter.files)
+    assert "adapter_model.safetensors" in adapter.files
+    assert not [f for f in adapter.files if f.startswith("hint_regressor")]
     settings = champion["settings"].model_copy(update={"home": tmp_path / "home"})
     ranker = load_ranker(url, store, settings)
     assert ranker is not None and ranker.adapter.adapter_id == adapter.adapter_id
-    assert type(ranker.regressor).__name__ == "BiasedMF"
+    assert type(ranker.rating.model).__name__ == "BiasedMF"
+    assert ranker.rating.source["model_id"] == record.model_id
+    assert ranker.rating.source["sha256"] == record.files["rating_model.safetensors"]
 
     marker = tmp_path / "marker"
     _rewrite(
         champion["cfg"],
-        adapter.lineage["prefix"],
-        {"hint_regressor.pt": _planted_pickle(marker)},
-        remove=("hint_regressor.safetensors", "hint_regressor.json"),
+        champion["prefix"],
+        {"rating_model.pt": _planted_pickle(marker)},
+        remove=("rating_model.safetensors", "rating_model.json"),
     )
     fresh = settings.model_copy(update={"home": tmp_path / "fresh-home"})
     with pytest.raises(ArtifactIntegrityError) as refused:
         load_ranker(url, store, fresh)
-    assert f"{adapter.label} in recranker.adapters" in str(refused.value)
-    assert "hint_regressor.pt: in the manifest, not registered" in str(refused.value)
-    assert "recranker tune" in str(refused.value)
+    assert f"model {record.model_id} (mf) in recranker.models" in str(refused.value)
+    assert "rating_model.pt: in the manifest, not registered" in str(refused.value)
+    assert "rating_model.safetensors: registered, missing from the manifest" in str(refused.value)
     assert not marker.exists()
 
 

@@ -157,3 +157,74 @@ def test_retrain_on_an_empty_table_is_a_clear_error(
     with pytest.raises(DataError, match="no interactions"):
         retrain_base_flow(["mostpop"])
     assert registry.list_models(clean_db) == []
+
+
+def test_the_gate_re_measures_a_champion_measured_on_other_users(
+    prefect_api: str, s3_settings: Settings, small_catalogue: str, monkeypatch
+):
+    """The champion's registered NDCG@10 was measured on other users than the candidate's (a
+    sample of 40, or an earlier split): the retrain measures the champion again on the
+    candidate's users before comparing, and the decision says both sample sizes and that it
+    did; a champion measured on the candidate's users is compared as registered."""
+    from flows.retrain_base import retrain_base_flow
+    from recranker_core import registry
+
+    monkeypatch.setenv("RECRANKER_DATABASE_URL", small_catalogue)
+    monkeypatch.setenv("RECRANKER_HOME", str(s3_settings.home))
+    monkeypatch.setenv("RECRANKER_BASE__BIASEDMF__EPOCHS", "2")
+    # Every candidate passes: what the gate compares is under test, not which model wins.
+    monkeypatch.setenv("RECRANKER_RETRAIN__PROMOTION_TOLERANCE", "1.0")
+    with psycopg.connect(small_catalogue) as conn:
+        row = conn.execute(
+            "SELECT percentile_disc(0.7) WITHIN GROUP (ORDER BY event_ts) "
+            "FROM recranker.interactions"
+        ).fetchone()
+    assert row is not None
+    early = row[0]
+
+    def gate_of(summary: dict[str, object]) -> dict[str, object]:
+        model = registry.get_model(small_catalogue, summary["models"]["mostpop"])  # type: ignore[index]
+        assert model.lineage["gate"] == summary["gate"]
+        return model.lineage["gate"]
+
+    # 1. The first champion: on a 40-user sample of the split as of an earlier watermark.
+    monkeypatch.setenv("RECRANKER_BASE__EVAL_MAX_USERS", "40")
+    first = retrain_base_flow(["mostpop"], watermark=early)
+    a = registry.get_model(small_catalogue, first["promoted"])  # type: ignore[arg-type]
+    assert a.metrics["sample"]["n_users"] == 40
+    assert gate_of(first)["champion"] is None
+
+    # 2. A candidate on every evaluable user of today's split: the champion is re-measured on
+    # them (its users and items mapped by id across the two splits).
+    monkeypatch.delenv("RECRANKER_BASE__EVAL_MAX_USERS")
+    second = retrain_base_flow(["mostpop"])
+    gate = gate_of(second)
+    b = registry.get_model(small_catalogue, second["promoted"])  # type: ignore[arg-type]
+    n_all = b.metrics["sample"]["n_users"]
+    assert n_all > 40 and gate["candidate"]["sample"]["n_users"] == n_all
+    assert gate["champion"]["model_id"] == a.model_id and gate["champion"]["remeasured"] is True
+    assert gate["champion"]["sample"] == b.metrics["sample"]
+    assert gate["champion"]["registered_sample"]["n_users"] == 40
+    assert gate["champion"]["registered_value"] == a.metrics["valid"]["ndcg@10"]
+    assert 0.0 <= gate["champion"]["value"] <= 1.0
+    assert f"re-measured on the same {n_all} users" in (b.note or "")
+    assert "was measured on 40 users of the split as of" in (b.note or "")
+
+    # 3. A candidate on a 40-user sample of the same split: champion B (every user) is
+    # re-measured on those 40. MostPop on the same split is the same model, so re-measured on
+    # the same users it scores exactly what the candidate scores.
+    monkeypatch.setenv("RECRANKER_BASE__EVAL_MAX_USERS", "40")
+    third = retrain_base_flow(["mostpop"])
+    gate = gate_of(third)
+    c = registry.get_model(small_catalogue, third["promoted"])  # type: ignore[arg-type]
+    assert gate["champion"]["model_id"] == b.model_id and gate["champion"]["remeasured"] is True
+    assert gate["champion"]["registered_sample"]["n_users"] == n_all
+    assert gate["candidate"]["sample"]["n_users"] == gate["champion"]["sample"]["n_users"] == 40
+    assert gate["champion"]["value"] == pytest.approx(c.metrics["valid"]["ndcg@10"], abs=1e-12)
+
+    # 4. The same sample again: the champion is compared as registered, not re-measured.
+    fourth = retrain_base_flow(["mostpop"])
+    gate = gate_of(fourth)
+    assert gate["champion"]["model_id"] == c.model_id and gate["champion"]["remeasured"] is False
+    assert gate["champion"]["value"] == c.metrics["valid"]["ndcg@10"]
+    assert "on the same 40 users" in gate["reason"]

@@ -55,12 +55,11 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     cfg = s3_config(s3_settings)
     store = S3ArtifactStore(cfg)
     manifest = store.read_manifest(adapter.lineage["prefix"])
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "hint_regressor.json",
-        "hint_regressor.safetensors",
-    } <= set(manifest.files)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(manifest.files)
+    # The pointwise hint's rating model is the champion's (stored by its retrain), named in the
+    # lineage, not copied into the adapter.
+    assert not [f for f in manifest.files if f.startswith("hint_regressor")]
+    assert adapter.lineage["rating_model"]["model_id"] == adapter.base_model_id
     # Nothing in a new adapter needs unpickling, and the registry row lists every file.
     assert not [f for f in manifest.files if f.endswith((".pt", ".bin", ".pkl"))]
     assert adapter.files == {rel: e.sha256 for rel, e in manifest.files.items()}
@@ -95,3 +94,100 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     assert again["resumed_from"] == summary["steps"] and again["steps"] == summary["steps"]
     second = registry.get_adapter(url, again["adapter_id"])
     assert second.status in ("champion", "rejected") and second.note
+
+
+def test_tuning_reuses_the_rating_model_the_retrain_stored_with_the_champion(
+    s3_settings: Settings,
+    tiny_pipeline: dict[str, object],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
+    """The retrain flow trains the rating model behind the pointwise hint and stores it with the
+    champion (in the manifest and the registry row, digest-checked on load); tuning reuses it
+    without a rating-model fit and records it in the adapter's lineage; serving reads that one
+    even after another base model became champion. A champion stored without one (an older
+    retrain) makes tuning fit its own, say why, and store it with the adapter."""
+    import hashlib
+    import logging
+    import shutil
+
+    from flows.tune_ranker import tune_ranker_flow
+    from recranker_core import registry
+    from recranker_core.base.candidates import fetch_model
+    from recranker_core.config import load_settings
+    from recranker_core.ranker.batch import load_ranker
+    from recranker_core.store.manifest import MANIFEST_NAME
+    from tasks.common import store_for
+
+    url = str(tiny_pipeline["database_url"])
+    settings = load_settings()
+    store = store_for(settings)
+    champion = registry.champion(url)
+    assert champion is not None
+    rating_files = {"rating_model.json", "rating_model.safetensors"}
+    assert rating_files <= set(champion.files)
+    manifest = store.read_manifest(champion.lineage["prefix"])
+    assert {f: manifest.files[f].sha256 for f in rating_files} == {
+        f: champion.files[f] for f in rating_files
+    }
+    rating = champion.lineage["rating_model"]
+    assert rating["kind"] == "biasedmf" and 0 < rating["rmse"] < 5
+    local = fetch_model(champion, store, tmp_path / "cache")  # every file verified
+    weights = (local / "rating_model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == champion.files["rating_model.safetensors"]
+
+    # Tuning reuses it: the line that says so, and no rating-model fit (`train_rating_model`'s
+    # line is absent; the served-task data's shadow models are fitted on another split).
+    with caplog.at_level(logging.INFO, logger="recranker_core"):
+        summary = tune_ranker_flow(max_steps=1)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"reused champion model {champion.model_id}'s" in m for m in said)
+    assert not any("rating model (biasedmf) for the pointwise hint" in m for m in said)
+    assert not any("stored without a rating model" in m for m in said)
+    reused = {
+        "source": "base_model",
+        "model_id": champion.model_id,
+        "file": "rating_model.safetensors",
+        "sha256": champion.files["rating_model.safetensors"],
+        "rmse": rating["rmse"],
+    }
+    assert summary["rating_model"] == reused
+    tuned = registry.get_adapter(url, int(summary["adapter_id"]))
+    assert tuned.lineage["rating_model"] == reused
+    assert not [f for f in tuned.files if f.startswith("hint_regressor")]
+
+    # An older champion: the same model stored without a rating model, as retrains before this
+    # change stored it. Tuning on it fits one, says why, and the adapter carries it.
+    older = tmp_path / "older"
+    shutil.copytree(local, older, ignore=shutil.ignore_patterns(MANIFEST_NAME, "rating_model.*"))
+    stored = store.put_directory(older, f"{champion.lineage['prefix']}-older")
+    older_lineage = {k: v for k, v in champion.lineage.items() if k != "rating_model"}
+    older_id = registry.register_model(
+        url,
+        kind=champion.kind,
+        hyperparameters=champion.hyperparameters,
+        metrics=champion.metrics,
+        data_watermark=champion.data_watermark,
+        artifact_uri=stored.uri,
+        files={rel: e.sha256 for rel, e in stored.manifest.files.items()},
+        lineage={**older_lineage, "prefix": stored.prefix},
+    )
+    registry.promote(url, older_id, "test: a champion stored before the rating model was")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recranker_core"):
+        again = tune_ranker_flow(max_steps=1)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"champion model {older_id} was stored without a rating model" in m for m in said), (
+        said
+    )
+    assert any("rating model (biasedmf) for the pointwise hint" in m for m in said)
+    assert again["rating_model"]["source"] == "tuning"
+    carried = registry.get_adapter(url, int(again["adapter_id"]))
+    assert {"hint_regressor.json", "hint_regressor.safetensors"} <= set(carried.files)
+
+    # Serving: each adapter with the rating model it was tuned with.
+    serve = settings.model_copy(update={"home": tmp_path / "serve"})
+    own = load_ranker(url, store, serve, carried)
+    assert own is not None and own.rating.source == {"adapter_id": carried.adapter_id}
+    first = load_ranker(url, store, serve, tuned)  # its base model is not the champion now
+    assert first is not None and first.rating.source == reused

@@ -142,6 +142,20 @@ def test_other_settings_do_not_resume_a_checkpoint(tiny: Path, tmp_path: Path):
     assert other.resumed_from is None
 
 
+def test_only_settings_that_change_a_step_change_the_checkpoint_fingerprint(tiny: Path):
+    """A resumed run must be the same computation (lr, data, ...), but a setting read only after
+    training (the guard's users) or a label (the profile) must not discard the checkpoint."""
+    from recranker_core.ranker.tune import _fingerprint
+
+    model, tokenizer = load(tiny)
+    examples, _ = encode_examples(prompts(4), tokenizer, max_length=512)
+    base = _fingerprint(examples, settings(epochs=1), model, sft_loss)
+    assert _fingerprint(examples, settings(epochs=1, guard_users=7), model, sft_loss) == base
+    assert _fingerprint(examples, settings(epochs=1, profile="cpu"), model, sft_loss) == base
+    assert _fingerprint(examples, settings(epochs=1, lr=1e-3), model, sft_loss) != base
+    assert _fingerprint(examples[:-1], settings(epochs=1), model, sft_loss) != base
+
+
 def test_verbalizer_scores_ignore_left_padding(tiny: Path):
     from recranker_core.ranker.score import answer_logprobs
 
