@@ -193,7 +193,6 @@ def train_shadow_models(
     """Fit the shadow ranker of `kind` and the shadow rating model on the shadow split. With
     `epochs` (the champion's best epoch) the ranker trains that long, as the champion did,
     instead of early-stopping on its own (about as good, and no longer than needed)."""
-    from recranker_core.base.rating import train_rating_model
     from recranker_core.base.train import train_model
 
     section = getattr(base_settings, kind, None)
@@ -203,11 +202,13 @@ def train_shadow_models(
     ranker = train_model(kind, shadow.data, base_settings)
     if hasattr(ranker.model, "set_sequences"):
         ranker.model.set_sequences(shadow.data.train_sequences)
-    ratings = train_rating_model(shadow.data, base_settings)  # logs its held-out RMSE
+    ratings = train_model("biasedmf", shadow.data, base_settings, rank_evaluation=False)
     log.info(
-        "shadow models on the train period before each user's last likes: %s valid %s",
+        "shadow models on the train period before each user's last likes: %s valid %s; rating "
+        "model held-out RMSE %.3f",
         kind,
         {k: round(v, 4) for k, v in ranker.metrics.get("valid", {}).items()},
+        ratings.metrics["valid"].get("rmse", float("nan")),
     )
     return ShadowModels(
         kind,
