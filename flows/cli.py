@@ -250,7 +250,7 @@ def ingest(
         results = ingest_flow(source, fmt.value if fmt else None)
         failed = False
     except ValidationFailed as exc:
-        results = exc.args[1] if len(exc.args) > 1 else []
+        results = exc.results
         failed = True
         if not results:
             raise

@@ -1,6 +1,10 @@
 """The error hierarchy: every failure a user can act on is one of these, with a message that says
 what was wrong, where, and what to do."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class RecrankerError(Exception):
     """Base of every error raised on purpose by recranker. Its first argument is the message;
@@ -29,6 +33,14 @@ class DataError(RecrankerError):
 class ValidationFailed(RecrankerError):
     """A batch broke more rules than the failure budget allows; nothing of it was merged. The
     second argument is the IngestResult (or the list of them)."""
+
+    @property
+    def results(self) -> list[Any]:
+        """The IngestResult(s) of the rejected file(s), as a list (empty when none was given)."""
+        if len(self.args) < 2:
+            return []
+        attached = self.args[1]
+        return list(attached) if isinstance(attached, list) else [attached]
 
 
 class ArtifactIntegrityError(RecrankerError):

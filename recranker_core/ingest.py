@@ -116,13 +116,17 @@ def ingest(
     A rejected file does not stop the others; its result has status 'rejected'.
     """
     files = discover(target, fmt, settings.home / "cache" / "s3", s3)
-    results = []
-    for src in files:
-        try:
-            results.append(ingest_file(src, settings, database_url))
-        except ValidationFailed as exc:
-            results.append(exc.args[1])  # ingest_file always attaches its result
-    return results
+    return [ingest_outcome(src, settings, database_url) for src in files]
+
+
+def ingest_outcome(src: SourceFile, settings: Settings, database_url: str) -> IngestResult:
+    """`ingest_file`, returning a rejected file's result (status 'rejected') instead of raising:
+    for callers that report every outcome alike. Stops and unexpected errors still raise."""
+    try:
+        return ingest_file(src, settings, database_url)
+    except ValidationFailed as exc:
+        (result,) = exc.results  # ingest_file always attaches its one result
+        return result
 
 
 def ingest_file(src: SourceFile, settings: Settings, database_url: str) -> IngestResult:

@@ -10,8 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from recranker_core.config import Settings
 from recranker_core.datasets.sources import SourceFile, discover
-from recranker_core.errors import ValidationFailed
-from recranker_core.ingest import IngestResult, ingest_file
+from recranker_core.ingest import IngestResult, ingest_outcome
 from tasks.common import TRANSIENT_RETRIES
 
 
@@ -32,10 +31,8 @@ def discover_files(target: str, fmt: str | None, settings: Settings) -> list[Sou
 )
 def ingest_file_task(src: SourceFile, settings: Settings, database_url: str) -> IngestResult:
     logger = get_run_logger()
-    try:
-        result = ingest_file(src, settings, database_url)
-    except ValidationFailed as exc:
-        result = exc.args[1]
+    result = ingest_outcome(src, settings, database_url)
+    if result.status == "rejected":
         logger.error(result.summary())
     else:
         logger.info(result.summary())

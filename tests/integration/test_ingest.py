@@ -9,8 +9,7 @@ import psycopg
 
 from recranker_core.config import Settings
 from recranker_core.datasets.sources import describe_file
-from recranker_core.errors import ValidationFailed
-from recranker_core.ingest import IngestResult, ingest_file
+from recranker_core.ingest import IngestResult, ingest_outcome
 
 HEADER = "user_id,item_id,rating,timestamp\n"
 ITEMS = (
@@ -29,10 +28,7 @@ def write(directory: Path, name: str, body: str | bytes, items: bool = True) -> 
 
 def run(path: Path, settings: Settings, url: str, fmt: str | None = None) -> IngestResult:
     """Ingest and return the result, rejected or not."""
-    try:
-        return ingest_file(describe_file(path, fmt), settings, url)
-    except ValidationFailed as exc:
-        return exc.args[1]
+    return ingest_outcome(describe_file(path, fmt), settings, url)
 
 
 def lenient(settings: Settings) -> Settings:

@@ -12,8 +12,7 @@ import pytest
 
 from recranker_core.config import Settings
 from recranker_core.datasets.sources import describe_file
-from recranker_core.errors import ValidationFailed
-from recranker_core.ingest import IngestResult, ingest_file
+from recranker_core.ingest import IngestResult, ingest_outcome
 
 HEADER = "user_id,item_id,rating,timestamp\n"
 ITEMS = "item_id,title\ni1,One\ni2,Two\n"
@@ -26,10 +25,7 @@ def bulk(settings: Settings) -> Settings:
 
 
 def run(path: Path, settings: Settings, url: str) -> IngestResult:
-    try:
-        return ingest_file(describe_file(path, None), settings, url)
-    except ValidationFailed as exc:
-        return exc.args[1]
+    return ingest_outcome(describe_file(path, None), settings, url)
 
 
 def primary_key(url: str) -> tuple[str, ...] | None:

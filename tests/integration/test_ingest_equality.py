@@ -26,8 +26,7 @@ from psycopg import sql
 from recranker_core import ingest as ing
 from recranker_core.config import IngestSettings, Settings
 from recranker_core.datasets.sources import describe_file, read_items
-from recranker_core.errors import ValidationFailed
-from recranker_core.ingest import IngestResult, ingest_file
+from recranker_core.ingest import IngestResult, ingest_outcome
 from recranker_core.validation.rules import BAD_ID, CONTROL_CHARACTER, StagedColumns
 
 HEADER = "user_id,item_id,rating,timestamp\n"
@@ -584,10 +583,7 @@ def write_case(directory: Path, case: Case) -> Path:
 
 
 def run(path: Path, settings: Settings, url: str, fmt: str | None = None) -> IngestResult:
-    try:
-        return ingest_file(describe_file(path, fmt), settings, url)
-    except ValidationFailed as exc:
-        return exc.args[1]
+    return ingest_outcome(describe_file(path, fmt), settings, url)
 
 
 def outcome_of(url: str, result: IngestResult) -> tuple[dict[int, Any], set[Any], tuple[Any, ...]]:
