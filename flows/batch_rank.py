@@ -65,11 +65,17 @@ def _batch_rank(run_id: str | None, mode: str | None, publish: bool) -> dict[str
         runs.fail_abandoned_runs(database_url)
         champion = load_champion_task(database_url, settings)
         watermark = data_watermark(database_url)
-        users = active_users(database_url, watermark, settings.rank.active_window_days)
+        users = active_users(
+            database_url, watermark, settings.rank.active_window_days, settings.rank.work_mem
+        )
         llm_users = None
         if settings.rank.llm_max_users is not None:
             llm_users = most_active_users(
-                database_url, users, watermark, settings.rank.llm_max_users
+                database_url,
+                users,
+                watermark,
+                settings.rank.llm_max_users,
+                settings.rank.work_mem,
             )
         plan = serving_plan_task(database_url, settings)
         # The run's lineage names the adapter consulted (whose decision it serves); shards load

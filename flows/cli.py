@@ -361,7 +361,11 @@ def candidates(
         url, S3ArtifactStore(s3_config(settings)), settings.home / "cache" / "artifacts"
     )
     watermark = data_watermark(url)
-    users = list(user) if user else active_users(url, watermark, settings.rank.active_window_days)
+    users = (
+        list(user)
+        if user
+        else active_users(url, watermark, settings.rank.active_window_days, settings.rank.work_mem)
+    )
     if limit:
         users = users[:limit]
     stats = CandidateStats()

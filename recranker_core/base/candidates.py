@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+from psycopg import sql
 
 from recranker_core.base.onnx_export import OnnxScorer, pad_exclusions
 from recranker_core.db.connect import connect
@@ -26,10 +27,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def active_users(database_url: str, watermark: datetime, window_days: float | None) -> list[str]:
+def active_users(
+    database_url: str, watermark: datetime, window_days: float | None, work_mem: str = "256MB"
+) -> list[str]:
     """Users with at least one interaction in the window before the watermark (all users with
-    an interaction up to the watermark when the window is unset), sorted."""
-    with connect(database_url) as conn:
+    an interaction up to the watermark when the window is unset), sorted. `work_mem` holds the
+    distinct users' hash table: with PostgreSQL's 4MB default it spills into hundreds of
+    thousands of batches (3.5 minutes instead of 1 s for 500,000 users)."""
+    with connect(database_url) as conn, conn.transaction():
+        set_work_mem(conn, work_mem)
         if window_days is None:
             rows = conn.execute(
                 "SELECT DISTINCT user_id FROM recranker.interactions WHERE event_ts <= %s",
@@ -42,6 +48,11 @@ def active_users(database_url: str, watermark: datetime, window_days: float | No
                 (watermark - timedelta(days=window_days), watermark),
             ).fetchall()
     return sorted(r[0] for r in rows)
+
+
+def set_work_mem(conn: Any, work_mem: str) -> None:
+    """`work_mem` for the rest of the current transaction (SET LOCAL)."""
+    conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(work_mem)))
 
 
 def data_watermark(database_url: str) -> datetime:

@@ -24,6 +24,7 @@ from recranker_core.base.candidates import (
     champion_candidates,
     load_champion,
     read_histories,
+    set_work_mem,
 )
 from recranker_core.base.rating import RatingHints, RatingModel
 from recranker_core.base.split import SplitData
@@ -483,12 +484,18 @@ def popular_items(database_url: str, watermark: datetime, limit: int = 1000) -> 
 
 
 def most_active_users(
-    database_url: str, user_ids: list[str], watermark: datetime, limit: int
+    database_url: str,
+    user_ids: list[str],
+    watermark: datetime,
+    limit: int,
+    work_mem: str = "256MB",
 ) -> set[str]:
-    """The `limit` users with the most interactions up to the watermark (ties by id)."""
+    """The `limit` users with the most interactions up to the watermark (ties by id); `work_mem`
+    as in `active_users`."""
     if limit <= 0:
         return set()
-    with connect(database_url) as conn:
+    with connect(database_url) as conn, conn.transaction():
+        set_work_mem(conn, work_mem)
         rows = conn.execute(
             "SELECT user_id FROM recranker.interactions WHERE user_id = ANY(%s) "
             "AND event_ts <= %s GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT %s",

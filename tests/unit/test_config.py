@@ -94,3 +94,12 @@ def test_deploy_file_takes_schedules_from_settings(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("RECRANKER_NIGHTLY__TUNE_CRON", "0 4 * *")
     with pytest.raises(ConfigError, match="tune_cron"):
         load_deploy_file(DEPLOY_FILE)
+
+
+def test_rank_work_mem_is_a_postgresql_size(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("RECRANKER_RANK__WORK_MEM", "64MB")
+    assert Settings().rank.work_mem == "64MB"
+    # It is sent to the server as SET LOCAL work_mem: only a size is accepted here.
+    monkeypatch.setenv("RECRANKER_RANK__WORK_MEM", "64MB; DROP TABLE x")
+    with pytest.raises(ValueError, match="work_mem"):
+        Settings()
