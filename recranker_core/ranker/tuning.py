@@ -39,7 +39,7 @@ CPU_DEMO: dict[str, dict[str, Any]] = {
         "epochs": 1,
         "batch_size": 4,
         "grad_accumulation": 2,
-        # Two validations (the untuned step 0 and the last step): each of 32 users costs about a
+        # Two validations (the untuned step 0 and the last step): one of 32 users costs about a
         # minute on 2 cores, as does the guard's 48; the demo's budget is about 15 minutes.
         "eval_every": 6,
         "valid_users": 32,
