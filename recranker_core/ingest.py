@@ -37,7 +37,7 @@ from recranker_core.datasets.sources import (
     read_users,
     sha256_file,
 )
-from recranker_core.db.connect import connect
+from recranker_core.db.connect import connect, set_memory
 from recranker_core.errors import DataError, ValidationFailed
 from recranker_core.interrupts import stop_reason
 from recranker_core.validation.rules import StagedColumns, event_ts_sql, resolve_repeats_sql
@@ -171,7 +171,7 @@ def _ingest_file(
     ):
         conn.execute("SET TIME ZONE 'UTC'")
         # Sorts and hashes over a whole batch stay in memory instead of spilling to disk.
-        conn.execute(sql.SQL("SET work_mem = {}").format(sql.Literal(settings.ingest.work_mem)))
+        set_memory(conn, "work_mem", settings.ingest.work_mem, local=False)
         # JIT compiles the repeat resolution for seconds and saves less than it costs here.
         conn.execute("SET jit = off")
         sweep_staging(conn)
@@ -1831,9 +1831,7 @@ def _add_primary_key(
 ) -> None:
     """Build the primary key dropped by _drop_primary_key again (one sort of the table; a
     repeat fails it with a unique violation)."""
-    conn.execute(
-        sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem))
-    )
+    set_memory(conn, "maintenance_work_mem", maintenance_work_mem)
     name, definition = key
     _exec(
         conn,

@@ -9,14 +9,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from psycopg import sql
 
 from recranker_core.base.onnx_export import OnnxScorer, pad_exclusions
-from recranker_core.db.connect import connect
+from recranker_core.db.connect import connect, set_memory
 from recranker_core.db.pool import Connections, connections_for
 from recranker_core.errors import ArtifactIntegrityError, DataError
 from recranker_core.store import ArtifactStore, fetch_registered
@@ -35,7 +34,7 @@ def active_users(
     distinct users' hash table: with PostgreSQL's 4MB default it spills into hundreds of
     thousands of batches (3.5 minutes instead of 1 s for 500,000 users)."""
     with connect(database_url) as conn, conn.transaction():
-        set_work_mem(conn, work_mem)
+        set_memory(conn, "work_mem", work_mem)
         if window_days is None:
             rows = conn.execute(
                 "SELECT DISTINCT user_id FROM recranker.interactions WHERE event_ts <= %s",
@@ -48,11 +47,6 @@ def active_users(
                 (watermark - timedelta(days=window_days), watermark),
             ).fetchall()
     return sorted(r[0] for r in rows)
-
-
-def set_work_mem(conn: Any, work_mem: str) -> None:
-    """`work_mem` for the rest of the current transaction (SET LOCAL)."""
-    conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(work_mem)))
 
 
 def data_watermark(database_url: str) -> datetime:

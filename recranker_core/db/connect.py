@@ -39,3 +39,18 @@ def connect(
     import psycopg
 
     return psycopg.connect(libpq_url(url), autocommit=autocommit, application_name=application_name)
+
+
+def set_memory(conn: psycopg.Connection, name: str, size: str, *, local: bool = True) -> None:
+    """Set a memory parameter (`work_mem`, `maintenance_work_mem`) to `size` (a PostgreSQL size
+    such as '256MB', sent as a literal): for the rest of the current transaction (SET LOCAL), or
+    for the session with `local=False`."""
+    from psycopg import sql
+
+    if name not in ("work_mem", "maintenance_work_mem"):
+        raise ValueError(f"not a memory parameter: {name!r}")
+    conn.execute(
+        sql.SQL("SET LOCAL {} = {}" if local else "SET {} = {}").format(
+            sql.SQL(name), sql.Literal(size)
+        )
+    )

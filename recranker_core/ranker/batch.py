@@ -24,11 +24,10 @@ from recranker_core.base.candidates import (
     champion_candidates,
     load_champion,
     read_histories,
-    set_work_mem,
 )
 from recranker_core.base.rating import RatingHints, RatingModel
 from recranker_core.base.split import SplitData
-from recranker_core.db.connect import connect
+from recranker_core.db.connect import connect, set_memory
 from recranker_core.db.pool import Connections
 from recranker_core.errors import ArtifactIntegrityError, ConfigError
 from recranker_core.interrupts import check_stop
@@ -495,7 +494,7 @@ def most_active_users(
     if limit <= 0:
         return set()
     with connect(database_url) as conn, conn.transaction():
-        set_work_mem(conn, work_mem)
+        set_memory(conn, "work_mem", work_mem)
         rows = conn.execute(
             "SELECT user_id FROM recranker.interactions WHERE user_id = ANY(%s) "
             "AND event_ts <= %s GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT %s",

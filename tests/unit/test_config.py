@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from recranker_core.config import Settings, setting_value, settings_table
-from recranker_core.db.connect import libpq_url, redact_url, sqlalchemy_url
+from recranker_core.db.connect import libpq_url, redact_url, set_memory, sqlalchemy_url
 
 
 def test_nested_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -103,3 +103,9 @@ def test_rank_work_mem_is_a_postgresql_size(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RECRANKER_RANK__WORK_MEM", "64MB; DROP TABLE x")
     with pytest.raises(ValueError, match="work_mem"):
         Settings()
+
+
+def test_only_memory_parameters_are_set_by_set_memory():
+    # Refused before any statement reaches a connection.
+    with pytest.raises(ValueError, match="not a memory parameter"):
+        set_memory(None, "search_path", "public")  # type: ignore[arg-type]
