@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python benchmarks/base_models.py
 	$(BIN)/python benchmarks/candidates.py
 	$(BIN)/python benchmarks/tune.py
+	$(BIN)/python benchmarks/cpu_dtype.py
 	$(BIN)/python benchmarks/score.py --backbone default --users 3
 	$(BIN)/python benchmarks/rank.py --users 3
 

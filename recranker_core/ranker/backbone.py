@@ -83,6 +83,12 @@ def resolve_dtype_device(settings: BackboneSettings) -> tuple[str, str]:
         dtype = "bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else "float32"
     elif wanted_dtype in _DTYPES:
         dtype = wanted_dtype
+        if device == "cpu" and dtype != "float32" and not cpu_has_native_bf16():
+            log.warning(
+                "RECRANKER_BACKBONE__DTYPE=%s on a CPU without bfloat16 instructions (AVX512-BF16 "
+                "or AMX): torch emulates it, slower than float32; use `auto` or `float32` here",
+                dtype,
+            )
     else:
         raise ConfigError(
             f"RECRANKER_BACKBONE__DTYPE is {settings.dtype!r}; use `auto`, `bfloat16`, "
@@ -96,6 +102,33 @@ def resolve_dtype_device(settings: BackboneSettings) -> tuple[str, str]:
         settings.dtype,
     )
     return device, dtype
+
+
+# CPU flags (Linux /proc/cpuinfo names) of instructions that compute in bfloat16 natively.
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX), read
+    from `cpuinfo` (default /proc/cpuinfo; False where it cannot be read). There bfloat16 tuning
+    and scoring run about 1.4x faster than float32 (BENCHMARKS.md, `benchmarks/cpu_dtype.py`);
+    elsewhere torch emulates it, slower than float32.
+
+    >>> cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16")
+    True
+    >>> cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f")
+    False
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return bool(_BF16_FLAGS & set(value.split()))
+    return False
 
 
 def fetch_default_backbone(home: Path, *, pip: Sequence[str] | None = None) -> Path:

@@ -183,7 +183,24 @@ def load_ranker(
     rating = adapter_rating_model(record, directory, database_url, store, cache)
     model = PeftModel.from_pretrained(backbone.model, directory)
     model.eval()
-    log.info("ranker: %s on %s (%s)", record.label, backbone.backbone_id, backbone.device)
+    log.info(
+        "ranker: %s on %s (%s, %s)",
+        record.label,
+        backbone.backbone_id,
+        backbone.device,
+        backbone.dtype,
+    )
+    tuned_dtype = record.lineage.get("dtype")
+    if tuned_dtype and tuned_dtype != backbone.dtype:
+        # bfloat16 moves a verbalizer log-probability by up to about 0.1 against float32: the
+        # guard's decision and the fused weights were measured with the other one.
+        log.warning(
+            "%s was tuned and guarded in %s and is scored here in %s "
+            "(RECRANKER_BACKBONE__DTYPE): its scores differ slightly from those its guard read",
+            record.label,
+            tuned_dtype,
+            backbone.dtype,
+        )
     if record.template_version != settings.prompts.template:
         log.info(
             "%s was tuned with prompt template %s: its prompts use it (RECRANKER_PROMPTS__"

@@ -124,7 +124,7 @@ def test_a_planted_pickle_with_a_rewritten_manifest_never_runs(
 
 
 def test_the_rankers_rating_model_from_the_champion_refuses_a_planted_pickle(
-    champion: dict[str, Any], tmp_path: Path
+    champion: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The ranker's path (ranker/batch.py load_ranker): the tuned adapter loads, and the rating
     model of its pointwise hint is the one the retrain stored with the champion (safetensors,
@@ -149,6 +149,14 @@ def test_the_rankers_rating_model_from_the_champion_refuses_a_planted_pickle(
     assert type(ranker.rating.model).__name__ == "BiasedMF"
     assert ranker.rating.source["model_id"] == record.model_id
     assert ranker.rating.source["sha256"] == record.files["rating_model.safetensors"]
+    # Served in another dtype than it was tuned (and guarded) in: said, not refused.
+    assert adapter.lineage["dtype"] == "float32"
+    in_bf16 = settings.model_copy(
+        update={"backbone": settings.backbone.model_copy(update={"dtype": "bfloat16"})}
+    )
+    with caplog.at_level("WARNING", logger="recranker_core.ranker.batch"):
+        assert load_ranker(url, store, in_bf16) is not None
+    assert "tuned and guarded in float32 and is scored here in bfloat16" in caplog.text
 
     marker = tmp_path / "marker"
     _rewrite(

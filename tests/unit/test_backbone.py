@@ -22,6 +22,7 @@ from recranker_core.ranker.backbone import (
     DEFAULT_GGUF,
     DEFAULT_GGUF_SIZE,
     answer_token_ids,
+    cpu_has_native_bf16,
     fetch_default_backbone,
     load_backbone,
     model_dir_hash,
@@ -189,6 +190,35 @@ def test_model_is_loaded_in_the_asked_dtype(tiny_dir: Path, tmp_path: Path) -> N
     b = load_backbone(settings, tmp_path)
     assert b.dtype == "bfloat16"
     assert {p.dtype for p in b.model.parameters()} == {torch.bfloat16}
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+    older = "flags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: avx512_bf16\n"
+    assert cpu_has_native_bf16(zen4) and cpu_has_native_bf16(sapphire)
+    # Only the flags line counts; no flags line (not Linux, a container hiding it): no.
+    assert not cpu_has_native_bf16(older)
+    assert not cpu_has_native_bf16("")
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import recranker_core.ranker.backbone as backbone
+
+    asked = BackboneSettings(device="cpu", dtype="bfloat16")
+    # A CPU without bfloat16 instructions cannot be had on a machine that has them: the flag
+    # reader is replaced by its answer on such a CPU (the reader itself is tested above).
+    monkeypatch.setattr(backbone, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    with caplog.at_level("WARNING", logger=backbone.__name__):
+        assert resolve_dtype_device(asked) == ("cpu", "bfloat16")
+    assert "emulates it, slower than float32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(backbone, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    with caplog.at_level("WARNING", logger=backbone.__name__):
+        assert resolve_dtype_device(asked) == ("cpu", "bfloat16")
+    assert "emulates" not in caplog.text
 
 
 # --- paths and hashes ---------------------------------------------------------------------------
