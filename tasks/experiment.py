@@ -89,11 +89,14 @@ def evaluate_objective_task(
         batch_size=settings.rank.score_batch_size,
     )
     logger.info(
-        "%s (adapter %d): test hybrid ndcg@3 %.4f, listwise position bias: spearman %.3f, "
-        "top-1 kept %.3f over %d prompts x %d shuffles",
+        "%s (adapter %d): test ndcg@3 base %.4f, fused %.4f, hybrid %.4f; %s; listwise position "
+        "bias: spearman %.3f, top-1 kept %.3f over %d prompts x %d shuffles",
         record.objective,
         record.adapter_id,
+        report.table["base"]["test"]["ndcg@3"],
+        report.table.get("fused", {}).get("test", {}).get("ndcg@3", float("nan")),
         report.table["hybrid"]["test"]["ndcg@3"],
+        report.guard.reason if report.guard is not None else "no guard (no validation target)",
         bias.mean_spearman,
         bias.top1_agreement,
         bias.prompts,
@@ -113,21 +116,25 @@ def evaluate_objective_task(
 def publish_experiment_artifacts(results: list[ObjectiveResult], markdown: str) -> None:
     rows = []
     for r in results:
-        for method in ("base", "pointwise", "pairwise", "listwise", "hybrid"):
-            for split in ("valid", "test"):
-                metrics = r.report.table[method][split]
+        for method, splits in r.report.table.items():
+            for split, metrics in splits.items():
+                ci = r.report.diff_ci.get(method, {}).get(split, {}).get("ndcg@3")
                 rows.append(
                     {
                         "objective": r.objective,
                         "method": method,
                         "split": split,
                         **{k: round(v, 4) for k, v in metrics.items()},
+                        "ndcg@3 - base, 95% interval": (
+                            f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+                        ),
                     }
                 )
     create_table_artifact(
         key="objectives-comparison",
         table=rows,
-        description="HR/NDCG of each tuning objective's adapter (docs/METHOD.md table)",
+        description="HR/NDCG of each tuning objective's adapter (docs/METHOD.md table), each "
+        "method's NDCG@3 difference to the base model with its 95% interval",
     )
     create_markdown_artifact(
         key="objectives-comparison-report",

@@ -50,3 +50,40 @@ def test_a_tuning_run_that_kept_its_starting_point_says_so() -> None:
     assert dmpo is not None and "SFT adapter it started from" in dmpo
     assert kept_start_note(steps=15, best_step=8, objective="sft") is None
     assert kept_start_note(steps=0, best_step=0, objective="sft") is None  # nothing was tried
+
+
+def test_each_objective_is_compared_with_the_base_with_its_interval_and_guard() -> None:
+    from recranker_core.ranker.fusion import FusedWeights, GuardDecision
+
+    def row(v: float) -> dict[str, dict[str, float]]:
+        return {"valid": {"ndcg@3": v}, "test": {"ndcg@3": v}}
+
+    guard = GuardDecision(
+        served="base",
+        gain=0.0018,
+        se=0.0036,
+        weights=FusedWeights(0.6, 0.1, 0.2, 0.1),
+        k=3,
+        n_users=942,
+        n_hits=223,
+        base_ndcg=0.12,
+        fused_ndcg=0.1218,
+        users_hash="x",
+        reason="no gain",
+    )
+    r = result("alro", 8, 0.06)
+    r.report.table.update(base=row(0.0773), fused=row(0.0800), published=row(0.0773))
+    r.report.diff_ci = {
+        "fused": {"test": {"ndcg@3": [-0.0038, 0.0091]}},
+        "published": {"test": {"ndcg@3": [0.0, 0.0]}},
+    }
+    r.report.guard = guard
+    text = comparison_markdown([r], {})
+    served = "serves base (+0.0018 ± 0.0036)"
+    assert f"| alro | {served} | fused | 0.0800 | +0.0027 | [-0.0038, +0.0091] |" in text
+    assert f"| alro | {served} | published | 0.0773 | +0.0000 | [+0.0000, +0.0000] |" in text
+    # The hybrid row has no interval in this report: said, not invented.
+    assert f"| alro | {served} | hybrid | 0.0600 | -0.0173 | n/a |" in text
+    js = r.as_json()
+    assert js["diff_ci"]["fused"]["test"]["ndcg@3"] == [-0.0038, 0.0091]
+    assert js["guard"]["served"] == "base" and js["guard"]["se"] == 0.0036
