@@ -23,10 +23,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from recranker_core import ingest as ing
 from recranker_core.config import IngestSettings, Settings
 from recranker_core.datasets.sources import describe_file, read_items
 from recranker_core.ingest import IngestResult, ingest_outcome
+from recranker_core.ingest import read as ing  # the reference path reuses the readers
 from recranker_core.validation.rules import BAD_ID, CONTROL_CHARACTER, StagedColumns
 
 HEADER = "user_id,item_id,rating,timestamp\n"
