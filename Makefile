@@ -64,8 +64,8 @@ bench-scale: install
 	$(BIN)/python benchmarks/scale.py $(SCALE_ARGS)
 
 lint: install
-	$(BIN)/ruff check recranker_core tasks flows tests benchmarks
-	$(BIN)/ruff format --check recranker_core tasks flows tests benchmarks
+	$(BIN)/ruff check recranker_core tasks flows cli tests benchmarks
+	$(BIN)/ruff format --check recranker_core tasks flows cli tests benchmarks
 	$(BIN)/mypy
 
 stack-up: install

@@ -1,5 +1,5 @@
 """`python -m flows` is the `recranker` command."""
 
-from flows.cli import main
+from cli import main
 
 main()

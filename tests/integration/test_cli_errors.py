@@ -118,7 +118,7 @@ def test_a_usage_error_exits_2() -> None:
 def test_each_failure_maps_to_its_exit_code() -> None:
     """describe_failure over real exceptions of each kind (an unexpected error cannot be
     produced on purpose through a command; this is the mapping main() applies)."""
-    from flows.cli import describe_failure
+    from cli.common import describe_failure
     from recranker_core.errors import (
         ArtifactIntegrityError,
         BatchRankBusyError,

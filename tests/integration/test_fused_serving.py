@@ -62,8 +62,9 @@ def test_fused_mode_serves_the_adapters_stored_decision(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from cli.adapters import adapters_list
+    from cli.ranker import tune_weights
     from flows.batch_rank import batch_rank_flow
-    from flows.cli import adapters_list, tune_weights
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.ranker.fusion import FusedWeights, fused_order

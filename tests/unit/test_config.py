@@ -79,7 +79,7 @@ def test_setting_value_follows_the_environment_variable_name():
 
 
 def test_deploy_file_takes_schedules_from_settings(monkeypatch: pytest.MonkeyPatch):
-    from flows.cli import DEPLOY_FILE, load_deploy_file
+    from cli.deploy import DEPLOY_FILE, load_deploy_file
     from recranker_core.errors import ConfigError
 
     monkeypatch.delenv("RECRANKER_NIGHTLY__CRON", raising=False)

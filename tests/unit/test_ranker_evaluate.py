@@ -244,7 +244,8 @@ def test_the_report_shows_intervals_in_words_tables_and_error_bars(tmp_path):
 
 
 def test_recranker_eval_prints_the_guard_the_rows_and_the_intervals(capsys):
-    from flows.cli import _print_evaluation, _served
+    from cli.common import _served
+    from cli.ranker import _print_evaluation
     from recranker_core.ranker.report import slice_rows, table_rows
 
     rng = np.random.default_rng(11)
