@@ -28,9 +28,10 @@ from score import build_entries
 from tune import make_batch
 
 from recranker_core.config import PromptSettings, load_settings
-from recranker_core.ranker.backbone import cpu_has_native_bf16, load_backbone
-from recranker_core.ranker.score import UserScores, score_users
-from recranker_core.ranker.tune import apply_lora, sft_loss
+from recranker_core.llm.backbone import cpu_has_native_bf16, load_backbone
+from recranker_core.llm.score import UserScores, score_users
+from recranker_core.tune_ranker.loop import apply_lora
+from recranker_core.tune_ranker.losses import sft_loss
 
 DTYPES = ("float32", "bfloat16")
 

@@ -142,12 +142,12 @@ def evaluate_adapter(
     """The evaluation table of adapter `adapter_id` (promoted or not) on all evaluable users."""
     from recranker_core import registry
     from recranker_core.base.rating import RatingHints
-    from recranker_core.ranker.batch import load_ranker
-    from recranker_core.ranker.evaluate import evaluate
-    from recranker_core.ranker.prompts import Catalog
-    from recranker_core.ranker.tuning import BaseHints, load_base_context
+    from recranker_core.batch_rank.serving import load_ranker
+    from recranker_core.evaluate_ranker.evaluate import evaluate
+    from recranker_core.llm.prompts import Catalog
     from recranker_core.stack import s3_config
     from recranker_core.store import S3ArtifactStore
+    from recranker_core.tune_ranker.context import BaseHints, load_base_context
 
     store = S3ArtifactStore(s3_config(settings))
     ctx = load_base_context(

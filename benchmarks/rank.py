@@ -32,8 +32,9 @@ from base_models import cpu_model  # benchmarks/ is on sys.path when run as a sc
 from score import build_entries, load
 
 from recranker_core.config import PromptSettings
-from recranker_core.ranker.prompts import IDENTIFIERS, Prompt, render
-from recranker_core.ranker.score import score_users
+from recranker_core.llm.prompts import IDENTIFIERS, Prompt
+from recranker_core.llm.render import render
+from recranker_core.llm.score import score_users
 
 MAX_NEW = {"pointwise": 3, "pairwise": 3, "listwise": 30}
 

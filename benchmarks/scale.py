@@ -181,7 +181,7 @@ def main() -> None:
     from recranker_core.datasets.synthetic import generate
     from recranker_core.db.connect import libpq_url
     from recranker_core.db.migrate import upgrade
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
     from recranker_core.stack import database_url, local_prefect_api
 
     settings = load_settings()

@@ -29,8 +29,9 @@ from base_models import cpu_model  # benchmarks/ is on sys.path when run as a sc
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings, load_settings
 from recranker_core.datasets.synthetic import generate
-from recranker_core.ranker.prompts import TASKS, Catalog, Prompt, build_inference_prompts
-from recranker_core.ranker.score import UserScores, score_users
+from recranker_core.llm.builders import build_inference_prompts
+from recranker_core.llm.prompts import TASKS, Catalog, Prompt
+from recranker_core.llm.score import UserScores, score_users
 
 
 class Popularity:
@@ -85,12 +86,12 @@ def load(backbone: str, directory: Path) -> tuple[Any, Any, str]:
     if backbone == "tiny":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from recranker_core.ranker.tiny import build_tiny_model
+        from recranker_core.llm.tiny import build_tiny_model
 
         path = build_tiny_model(directory / "tiny")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path), "tiny random Llama, cpu/float32"
-    from recranker_core.ranker.backbone import load_backbone
+    from recranker_core.llm.backbone import load_backbone
 
     settings = load_settings()
     if backbone != "default":

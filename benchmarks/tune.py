@@ -27,8 +27,10 @@ import torch
 from base_models import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from recranker_core.config import load_settings
-from recranker_core.ranker.backbone import load_backbone
-from recranker_core.ranker.tune import Batch, apply_lora, sft_loss
+from recranker_core.llm.backbone import load_backbone
+from recranker_core.tune_ranker.batches import Batch
+from recranker_core.tune_ranker.loop import apply_lora
+from recranker_core.tune_ranker.losses import sft_loss
 
 
 def make_batch(vocab: int, batch: int, length: int, device: Any) -> Batch:
@@ -125,8 +127,9 @@ def packed_vs_separate(
     from score import build_entries
 
     from recranker_core.config import PromptSettings
-    from recranker_core.ranker.prompts import IDENTIFIERS
-    from recranker_core.ranker.tune import collate, collate_packed, encode_examples, encode_packed
+    from recranker_core.llm.prompts import IDENTIFIERS
+    from recranker_core.tune_ranker.batches import collate, encode_examples
+    from recranker_core.tune_ranker.packing import collate_packed, encode_packed
 
     prompt_settings = PromptSettings(history_max=args.history, template="rr-3")
     with tempfile.TemporaryDirectory() as tmp:

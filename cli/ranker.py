@@ -98,7 +98,7 @@ def evaluate(
 
 
 def _print_evaluation(result: dict[str, Any]) -> None:
-    from recranker_core.ranker.report import METRICS
+    from recranker_core.evaluate_ranker.report import METRICS
 
     if result.get("sample"):
         typer.echo(f"SAMPLE: {result['sample']}")
@@ -138,7 +138,7 @@ def tune_weights(
     the champion adapter: what `recranker rank` serves in mode `fused`."""
     _preflight()
     from flows.evaluate_ranker import evaluate_ranker_flow
-    from recranker_core.ranker.fusion import GuardDecision
+    from recranker_core.batch_rank.fusion import GuardDecision
     from recranker_core.registry import update_adapter_fusion
     from recranker_core.stack import database_url
 
@@ -174,7 +174,7 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
     """Ranking runs, newest first, with their status and counts; `*` marks the published one."""
-    from recranker_core.ranker.publish import list_runs
+    from recranker_core.batch_rank.runs import list_runs
     from recranker_core.stack import database_url
 
     url = database_url(_settings())

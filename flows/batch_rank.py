@@ -12,13 +12,13 @@ from prefect import flow, get_run_logger
 
 from recranker_core.config import load_settings
 from recranker_core.interrupts import stop_on_signals, stop_reason
-from tasks.common import resolve_database
-from tasks.ranking import (
+from tasks.batch_rank import (
     load_champion_task,
     publish_rank_artifacts,
     rank_shard_task,
     serving_plan_task,
 )
+from tasks.common import resolve_database
 from tasks.runner import task_runner
 
 # The run's counts in its summary (users and rows of every shard, resumed ones included).
@@ -49,8 +49,16 @@ def batch_rank_flow(
 
 def _batch_rank(run_id: str | None, mode: str | None, publish: bool) -> dict[str, Any]:
     from recranker_core.base.candidates import active_users, data_watermark
-    from recranker_core.ranker import publish as runs
-    from recranker_core.ranker.batch import most_active_users, popular_items, shards_of
+    from recranker_core.batch_rank import runs
+    from recranker_core.batch_rank.publish import (
+        cancel_run,
+        fail_abandoned_runs,
+        fail_run,
+        finish_run,
+        publish_run,
+    )
+    from recranker_core.batch_rank.rank import most_active_users, popular_items, shards_of
+    from recranker_core.batch_rank.retention import drop_old_runs
 
     started = time.perf_counter()
     settings = load_settings()
@@ -62,7 +70,7 @@ def _batch_rank(run_id: str | None, mode: str | None, publish: bool) -> dict[str
     database_url = resolve_database(settings)
     with runs.batch_rank_lock(database_url):
         # Holding the lock: a run still 'running' has lost its process (killed, machine gone).
-        runs.fail_abandoned_runs(database_url)
+        fail_abandoned_runs(database_url)
         champion = load_champion_task(database_url, settings)
         watermark = data_watermark(database_url)
         users = active_users(
@@ -152,19 +160,19 @@ def _batch_rank(run_id: str | None, mode: str | None, publish: bool) -> dict[str
                         results[-1],
                     )
             # Counted in the database: a resumed run's shards written earlier count too.
-            counts = runs.finish_run(
+            counts = finish_run(
                 database_url,
                 state.run_id,
                 timings={"seconds": round(time.perf_counter() - started, 1)},
             )
-            previous = runs.publish_run(database_url, state.run_id) if publish else None
-            dropped = runs.drop_old_runs(database_url, settings.rank.retention_days)
+            previous = publish_run(database_url, state.run_id) if publish else None
+            dropped = drop_old_runs(database_url, settings.rank.retention_days)
         except BaseException as exc:
             stopped = stop_reason(exc)
             if stopped is not None:
-                runs.cancel_run(database_url, state.run_id, stopped)
+                cancel_run(database_url, state.run_id, stopped)
             else:
-                runs.fail_run(database_url, state.run_id, f"{type(exc).__name__}: {exc}")
+                fail_run(database_url, state.run_id, f"{type(exc).__name__}: {exc}")
             raise
     summary = {
         "run_id": state.run_id,

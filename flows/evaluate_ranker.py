@@ -11,8 +11,8 @@ from prefect import flow, get_run_logger
 
 from recranker_core.config import load_settings
 from tasks.common import resolve_database
-from tasks.ranking import load_ranker_task, publish_eval_artifacts
-from tasks.tuning import load_base_task
+from tasks.evaluate_ranker import load_ranker_task, publish_eval_artifacts
+from tasks.tune_ranker import load_base_task
 
 
 @flow(name="evaluate-ranker")
@@ -28,16 +28,16 @@ def evaluate_ranker_flow(
     evaluates that adapter (a candidate the gate rejected, say) instead of the champion."""
     from recranker_core.base.rating import RatingHints
     from recranker_core.errors import ConfigError
-    from recranker_core.ranker.evaluate import TARGETS, evaluate
-    from recranker_core.ranker.prompts import Catalog
-    from recranker_core.ranker.report import (
+    from recranker_core.evaluate_ranker.evaluate import TARGETS, evaluate
+    from recranker_core.evaluate_ranker.report import (
         guard_line,
         save_evaluation,
         slice_rows,
         table_rows,
         write_html,
     )
-    from recranker_core.ranker.tuning import BaseHints
+    from recranker_core.llm.prompts import Catalog
+    from recranker_core.tune_ranker.context import BaseHints
 
     settings = load_settings()
     logger = get_run_logger()

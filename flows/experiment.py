@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from recranker_core.config import load_settings
 from tasks.common import resolve_database
 from tasks.experiment import evaluate_objective_task, publish_experiment_artifacts
-from tasks.tuning import (
+from tasks.tune_ranker import (
     build_dataset_task,
     load_base_task,
     sample_users_task,
@@ -34,9 +34,9 @@ def experiment_objectives_flow(
     """Compare tuning objectives (default sft, alro, dmpo; DMPO starts from this run's SFT
     adapter when SFT is among them, else from the registry's SFT champion)."""
     from recranker_core.errors import ConfigError
-    from recranker_core.ranker.experiment import OBJECTIVE_ORDER, write_comparison
-    from recranker_core.ranker.tuning import effective_settings
     from recranker_core.registry import get_adapter
+    from recranker_core.tune_ranker.context import effective_settings
+    from recranker_core.tune_ranker.experiment import OBJECTIVE_ORDER, write_comparison
 
     chosen = list(objectives or OBJECTIVE_ORDER)
     unknown = sorted(set(chosen) - set(OBJECTIVE_ORDER))

@@ -18,7 +18,8 @@ from flows.tune_ranker import tune_ranker_flow
 from recranker_core.ingest import IngestResult
 
 # Literals rather than free text so the UI offers a choice and a typo fails before the run
-# starts; they mirror recranker_core (base.train.KINDS, ranker.evaluate.TARGETS, RankSettings).
+# starts; they mirror recranker_core (base.train.KINDS, evaluate_ranker.evaluate.TARGETS,
+# RankSettings).
 FileFormat = Literal["movielens", "csv", "parquet"]
 BaseKind = Literal["mostpop", "mf", "lightgcn", "sasrec", "biasedmf"]
 RankMode = Literal["fused", "hybrid", "pointwise", "pairwise", "listwise", "base"]

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from recranker_core.config import load_settings
 from recranker_core.interrupts import stop_on_signals
 from tasks.common import resolve_database
-from tasks.tuning import (
+from tasks.tune_ranker import (
     build_dataset_task,
     load_base_task,
     publish_tuning_artifacts,
@@ -38,7 +38,7 @@ def tune_ranker_flow(
 def _tune_ranker(
     objective: str | None, profile: str | None, max_steps: int | None
 ) -> dict[str, Any]:
-    from recranker_core.ranker.tuning import effective_settings
+    from recranker_core.tune_ranker.context import effective_settings
 
     overrides: dict[str, Any] = {}
     if objective:

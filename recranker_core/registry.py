@@ -18,7 +18,7 @@ from recranker_core.db.connect import connect
 from recranker_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from recranker_core.ranker.fusion import GuardDecision
+    from recranker_core.batch_rank.fusion import GuardDecision
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ class AdapterRecord:
     def fusion(self) -> GuardDecision | None:
         """The guard's decision stored with the adapter (`metrics["fusion"]`): whether batch
         ranking serves the fused order and with which weights. None when none is stored."""
-        from recranker_core.ranker.fusion import GuardDecision
+        from recranker_core.batch_rank.fusion import GuardDecision
 
         stored = self.metrics.get("fusion")
         return GuardDecision.from_json(stored) if stored else None

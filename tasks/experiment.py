@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from recranker_core.config import Settings
-from recranker_core.ranker.experiment import ObjectiveResult
-from recranker_core.ranker.tuning import BaseContext
 from recranker_core.registry import AdapterRecord
+from recranker_core.tune_ranker.context import BaseContext
+from recranker_core.tune_ranker.experiment import ObjectiveResult
 from tasks.common import store_for
 
 
@@ -34,14 +34,14 @@ def evaluate_objective_task(
     import numpy as np
 
     from recranker_core.base.rating import RatingHints
+    from recranker_core.batch_rank.serving import load_ranker
     from recranker_core.errors import ConfigError
-    from recranker_core.ranker.batch import load_ranker
-    from recranker_core.ranker.bias import position_bias
-    from recranker_core.ranker.evaluate import evaluate
-    from recranker_core.ranker.experiment import tokens_per_user
-    from recranker_core.ranker.prompts import build_inference_prompts
-    from recranker_core.ranker.report import save_evaluation
-    from recranker_core.ranker.tuning import BaseHints
+    from recranker_core.evaluate_ranker.bias import position_bias
+    from recranker_core.evaluate_ranker.evaluate import evaluate
+    from recranker_core.evaluate_ranker.report import save_evaluation
+    from recranker_core.llm.builders import build_inference_prompts
+    from recranker_core.tune_ranker.context import BaseHints
+    from recranker_core.tune_ranker.experiment import tokens_per_user
 
     logger = get_run_logger()
     ranker = load_ranker(database_url, store_for(settings), settings, record)

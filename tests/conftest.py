@@ -139,7 +139,7 @@ def tiny_pipeline(
     from recranker_core.datasets.sources import describe_file
     from recranker_core.datasets.synthetic import generate
     from recranker_core.ingest import ingest_file
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     files = generate(tmp_path / "synth", users=120, items=100, interactions=5000, seed=5)
     ingest_file(describe_file(files.interactions, None), settings, clean_db)

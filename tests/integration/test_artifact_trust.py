@@ -84,7 +84,7 @@ def test_a_planted_pickle_with_a_rewritten_manifest_never_runs(
     champion: dict[str, Any], tmp_path: Path
 ) -> None:
     from recranker_core.base.candidates import load_champion
-    from recranker_core.ranker.tuning import load_base_context
+    from recranker_core.tune_ranker.context import load_base_context
 
     url, store, cache = champion["url"], champion["store"], tmp_path / "cache"
     record = champion["record"]
@@ -126,13 +126,13 @@ def test_a_planted_pickle_with_a_rewritten_manifest_never_runs(
 def test_the_rankers_rating_model_from_the_champion_refuses_a_planted_pickle(
     champion: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The ranker's path (ranker/batch.py load_ranker): the tuned adapter loads, and the rating
+    """The ranker's path (batch_rank.serving.load_ranker): the tuned adapter loads, and the rating
     model of its pointwise hint is the one the retrain stored with the champion (safetensors,
     listed in the champion's registry row), not a copy in the adapter; the same attack on the
     champion's rating-model files is refused before anything runs."""
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
-    from recranker_core.ranker.batch import load_ranker
+    from recranker_core.batch_rank.serving import load_ranker
 
     url, store, record = champion["url"], champion["store"], champion["record"]
     assert {"rating_model.json", "rating_model.safetensors"} <= set(record.files)
@@ -154,7 +154,7 @@ def test_the_rankers_rating_model_from_the_champion_refuses_a_planted_pickle(
     in_bf16 = settings.model_copy(
         update={"backbone": settings.backbone.model_copy(update={"dtype": "bfloat16"})}
     )
-    with caplog.at_level("WARNING", logger="recranker_core.ranker.batch"):
+    with caplog.at_level("WARNING", logger="recranker_core.batch_rank.serving"):
         assert load_ranker(url, store, in_bf16) is not None
     assert "tuned and guarded in float32 and is scored here in bfloat16" in caplog.text
 
@@ -185,7 +185,7 @@ def test_an_older_pickled_artifact_loads_with_weights_only_and_a_code_pickle_is_
     from recranker_core import registry
     from recranker_core.base.candidates import fetch_model
     from recranker_core.base.models import read_state
-    from recranker_core.ranker.tuning import load_base_context
+    from recranker_core.tune_ranker.context import load_base_context
 
     url, store, record = champion["url"], champion["store"], champion["record"]
     current = fetch_model(record, store, tmp_path / "cache")
@@ -270,7 +270,7 @@ def test_a_tampered_cache_is_fetched_again_and_damage_in_the_store_is_reported(
 def test_rank_on_a_damaged_champion_prints_one_line_and_exits_3(
     champion: dict[str, Any], prefect_api: str
 ) -> None:
-    from recranker_core.ranker.batch import cache_root
+    from recranker_core.batch_rank.serving import cache_root
 
     _rewrite(champion["cfg"], champion["prefix"], {"model.onnx": b"not an onnx model"})
     shutil.rmtree(cache_root(champion["settings"]), ignore_errors=True)

@@ -47,9 +47,10 @@ def test_unscorable_users_fall_back_and_failed_groups_are_split(
     tiny_pipeline: dict[str, object], tune_promoted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from recranker_core.base.candidates import active_users, data_watermark, load_champion
+    from recranker_core.batch_rank.rank import rank_shard
+    from recranker_core.batch_rank.serving import cache_root, load_ranker
     from recranker_core.config import load_settings
-    from recranker_core.ranker.batch import cache_root, load_ranker, rank_shard
-    from recranker_core.ranker.prompts import Catalog
+    from recranker_core.llm.prompts import Catalog
     from tasks.common import store_for
 
     url = str(tiny_pipeline["database_url"])
@@ -116,8 +117,9 @@ def test_candidate_chunks_inside_a_shard_change_nothing(
     """A shard scores its users' candidates RECRANKER_RANK__CHUNK_SIZE at a time (memory is
     bounded by the chunk, not the shard): any chunk size gives the same rows."""
     from recranker_core.base.candidates import active_users, data_watermark, load_champion
+    from recranker_core.batch_rank.rank import rank_shard
+    from recranker_core.batch_rank.serving import cache_root
     from recranker_core.config import load_settings
-    from recranker_core.ranker.batch import cache_root, rank_shard
     from tasks.common import store_for
 
     url = str(tiny_pipeline["database_url"])

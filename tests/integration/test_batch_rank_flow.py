@@ -58,7 +58,7 @@ def test_rank_publish_switch_and_evaluate(
     run = batch_rank_flow()
     assert run["previous"] == base_run["run_id"] and run["status"] == "published"
     from recranker_core import registry
-    from recranker_core.ranker.publish import run_summary
+    from recranker_core.batch_rank.runs import run_summary
 
     # The ledger names the wording the adapter scored with.
     adapter = registry.champion_adapter(url)

@@ -48,7 +48,7 @@ def artifact(flow_run_id: UUID, key: str) -> str:
 
 
 def decision(served: str, weights: Any) -> Any:
-    from recranker_core.ranker.fusion import GuardDecision
+    from recranker_core.batch_rank.fusion import GuardDecision
 
     return GuardDecision(
         served, 0.004, 0.006, weights, 3, 40, 12, 0.05, 0.054, "c" * 64,
@@ -67,8 +67,8 @@ def test_fused_mode_serves_the_adapters_stored_decision(
     from flows.batch_rank import batch_rank_flow
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
-    from recranker_core.ranker.fusion import FusedWeights, fused_order
-    from recranker_core.ranker.publish import list_runs, run_summary
+    from recranker_core.batch_rank.fusion import FusedWeights, fused_order
+    from recranker_core.batch_rank.runs import list_runs, run_summary
 
     url = str(tiny_pipeline["database_url"])
     summary = tune_ranker_flow(max_steps=2)

@@ -124,8 +124,8 @@ def test_failed_stage_stops_the_chain_and_keeps_the_published_run(
 ):
     from flows.nightly import nightly_flow
     from flows.params import BatchRankParams, NightlyParams, batch_rank_entry
+    from recranker_core.batch_rank.runs import batch_rank_lock
     from recranker_core.errors import StageFailed
-    from recranker_core.ranker.publish import batch_rank_lock
 
     url = str(tiny_pipeline["database_url"])
     first = batch_rank_entry(BatchRankParams(mode="base"))  # as the batch-rank deployment runs
@@ -165,8 +165,8 @@ def test_parameter_models_mirror_the_core() -> None:
     """The pydantic Literals offered in the UI name exactly what the core accepts."""
     from flows.params import BaseKind, EvalTarget, NightlyParams, RankMode
     from recranker_core.base.train import KINDS
-    from recranker_core.ranker.batch import SERVING_MODES
-    from recranker_core.ranker.evaluate import TARGETS
+    from recranker_core.batch_rank.serving import SERVING_MODES
+    from recranker_core.evaluate_ranker.evaluate import TARGETS
 
     assert set(get_args(BaseKind)) == set(KINDS)
     assert set(get_args(EvalTarget)) == set(TARGETS)

@@ -19,11 +19,12 @@ def test_an_adapter_keeps_its_prompt_template(
 ) -> None:
     from recranker_core import registry
     from recranker_core.base.candidates import active_users, data_watermark, load_champion
+    from recranker_core.batch_rank.rank import rank_shard
+    from recranker_core.batch_rank.serving import cache_root, load_ranker
     from recranker_core.config import load_settings
     from recranker_core.errors import ConfigError
-    from recranker_core.ranker.batch import cache_root, load_ranker, rank_shard
-    from recranker_core.ranker.prompts import Catalog
-    from recranker_core.ranker.tuning import sft_start_adapter
+    from recranker_core.llm.prompts import Catalog
+    from recranker_core.tune_ranker.adapter import sft_start_adapter
     from tasks.common import store_for
 
     url = str(tiny_pipeline["database_url"])
@@ -41,7 +42,7 @@ def test_an_adapter_keeps_its_prompt_template(
     assert settings.prompts.template == "rr-3"
     store = store_for(settings)
     champion = load_champion(url, store, cache_root(settings))
-    with caplog.at_level(logging.INFO, logger="recranker_core.ranker.batch"):
+    with caplog.at_level(logging.INFO, logger="recranker_core.batch_rank.serving"):
         ranker = load_ranker(url, store, settings)
     assert "tuned with prompt template rr-1" in caplog.text
     assert ranker is not None and ranker.adapter.adapter_id == adapter.adapter_id

@@ -20,24 +20,26 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from recranker_core import registry
-from recranker_core.db.connect import libpq_url
-from recranker_core.errors import BatchRankBusyError, ConfigError, DataError, RunStateError
-from recranker_core.ranker.publish import (
-    BATCH_RANK_LOCK,
-    PARTITION_SCHEMA,
+from recranker_core.batch_rank.publish import (
     RecommendationRow,
-    batch_rank_lock,
-    current_run,
-    drop_old_runs,
     fail_run,
     finish_run,
-    new_run_id,
-    partition_name,
     publish_run,
-    run_summary,
-    start_run,
     write_shard,
 )
+from recranker_core.batch_rank.retention import drop_old_runs
+from recranker_core.batch_rank.runs import (
+    BATCH_RANK_LOCK,
+    PARTITION_SCHEMA,
+    batch_rank_lock,
+    current_run,
+    new_run_id,
+    partition_name,
+    run_summary,
+    start_run,
+)
+from recranker_core.db.connect import libpq_url
+from recranker_core.errors import BatchRankBusyError, ConfigError, DataError, RunStateError
 
 WATERMARK = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 PARAMS: dict[str, Any] = {"k": 3, "mode": "hybrid", "weights": [0.5, 0.25, 0.25]}

@@ -119,17 +119,15 @@ def test_a_reader_holding_every_lock_it_can_delays_neither_ingest_nor_ranking(
     reader_url: str, clean_db: str, settings: Any, tmp_path: Path
 ) -> None:
     from recranker_core import registry
-    from recranker_core.datasets.sources import describe_file
-    from recranker_core.ingest import ingest_file
-    from recranker_core.ranker.publish import (
+    from recranker_core.batch_rank.publish import (
         RecommendationRow,
-        batch_rank_lock,
-        current_run,
         finish_run,
         publish_run,
-        start_run,
         write_shard,
     )
+    from recranker_core.batch_rank.runs import batch_rank_lock, current_run, start_run
+    from recranker_core.datasets.sources import describe_file
+    from recranker_core.ingest import ingest_file
 
     holder = psycopg.connect(reader_url, autocommit=True)
     attempts = psycopg.connect(reader_url, autocommit=True)

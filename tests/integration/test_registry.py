@@ -74,7 +74,7 @@ def test_unknown_model_and_empty_rollback_are_clear_errors(clean_db: str):
 
 
 def test_an_adapter_carries_its_fusion_decision(clean_db: str):
-    from recranker_core.ranker.fusion import FusedWeights, GuardDecision
+    from recranker_core.batch_rank.fusion import FusedWeights, GuardDecision
 
     model = add(clean_db, "mf_bpr", 0.05)
     adapter = registry.register_adapter(

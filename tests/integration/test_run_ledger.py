@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from recranker_core.ranker.publish import BATCH_RANK_LOCK, current_run, run_summary
+from recranker_core.batch_rank.runs import BATCH_RANK_LOCK, current_run, run_summary
 
 
 def _rank(run_id: str, env: dict[str, str]) -> subprocess.Popen[str]:

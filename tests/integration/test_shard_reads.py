@@ -23,9 +23,10 @@ def test_a_shard_ranks_the_same_with_pooled_and_fresh_connections(
     tiny_pipeline: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from recranker_core.base.candidates import active_users, data_watermark, load_champion
+    from recranker_core.batch_rank.rank import popular_items, rank_shard
+    from recranker_core.batch_rank.serving import cache_root
     from recranker_core.config import load_settings
     from recranker_core.db.pool import close_pools, pooled
-    from recranker_core.ranker.batch import cache_root, popular_items, rank_shard
     from tasks.common import store_for
 
     url = str(tiny_pipeline["database_url"])

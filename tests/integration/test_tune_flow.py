@@ -19,11 +19,11 @@ def test_tune_flow_stores_registers_and_refuses_bad_adapters(
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.errors import ArtifactIntegrityError
-    from recranker_core.ranker.backbone import model_dir_hash
-    from recranker_core.ranker.prompts import TEMPLATE_VERSION
-    from recranker_core.ranker.tuning import fetch_adapter
+    from recranker_core.llm.backbone import model_dir_hash
+    from recranker_core.llm.prompts import TEMPLATE_VERSION
     from recranker_core.stack import s3_config
     from recranker_core.store import S3ArtifactStore
+    from recranker_core.tune_ranker.adapter import fetch_adapter
 
     url = str(tiny_pipeline["database_url"])
     summary = tune_ranker_flow()
@@ -114,8 +114,8 @@ def test_tuning_reuses_the_rating_model_the_retrain_stored_with_the_champion(
     from flows.tune_ranker import tune_ranker_flow
     from recranker_core import registry
     from recranker_core.base.candidates import fetch_model
+    from recranker_core.batch_rank.serving import load_ranker
     from recranker_core.config import load_settings
-    from recranker_core.ranker.batch import load_ranker
     from recranker_core.store.manifest import MANIFEST_NAME
     from tasks.common import store_for
 

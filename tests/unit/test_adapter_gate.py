@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 
+from recranker_core.batch_rank.fusion import FusedWeights, GuardDecision
 from recranker_core.errors import ConfigError
-from recranker_core.ranker.fusion import FusedWeights, GuardDecision
 from recranker_core.registry import adapter_gate
 
 

@@ -18,7 +18,7 @@ import torch
 
 from recranker_core.config import BackboneSettings
 from recranker_core.errors import ArtifactIntegrityError, ConfigError, DataError
-from recranker_core.ranker.backbone import (
+from recranker_core.llm.backbone import (
     DEFAULT_GGUF,
     DEFAULT_GGUF_SIZE,
     answer_token_ids,
@@ -28,7 +28,7 @@ from recranker_core.ranker.backbone import (
     model_dir_hash,
     resolve_dtype_device,
 )
-from recranker_core.ranker.tiny import (
+from recranker_core.llm.tiny import (
     ANSWER_WORDS,
     GENERATION_PROMPT,
     build_tiny_model,
@@ -205,7 +205,7 @@ def test_native_bf16_is_read_from_the_cpu_flags() -> None:
 def test_bfloat16_on_a_cpu_that_emulates_it_warns(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import recranker_core.ranker.backbone as backbone
+    import recranker_core.llm.backbone as backbone
 
     asked = BackboneSettings(device="cpu", dtype="bfloat16")
     # A CPU without bfloat16 instructions cannot be had on a machine that has them: the flag

@@ -42,7 +42,7 @@ def test_blocked_candidates_equal_one_user_at_a_time(kind, target, monkeypatch):
 
     import recranker_core.base.evaluate as evaluate
     from recranker_core.base.models import MF, SASRec
-    from recranker_core.ranker.tuning import BaseContext, base_candidates
+    from recranker_core.tune_ranker.context import BaseContext, base_candidates
 
     torch.manual_seed(0)
     data = split()

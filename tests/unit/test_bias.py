@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recranker_core.ranker.bias import agreement, back_to_items, spearman
+from recranker_core.evaluate_ranker.bias import agreement, back_to_items, spearman
 
 
 def test_spearman_matches_the_textbook_values():

@@ -4,9 +4,9 @@ objective's effect."""
 
 from __future__ import annotations
 
-from recranker_core.ranker.bias import PositionBias
-from recranker_core.ranker.evaluate import EvalReport
-from recranker_core.ranker.experiment import ObjectiveResult, comparison_markdown
+from recranker_core.evaluate_ranker.bias import PositionBias
+from recranker_core.evaluate_ranker.evaluate import EvalReport
+from recranker_core.tune_ranker.experiment import ObjectiveResult, comparison_markdown
 
 
 def result(objective: str, best_step: int, ndcg3: float) -> ObjectiveResult:
@@ -42,7 +42,7 @@ def test_markdown_lists_each_objective_and_flags_adapters_that_kept_step_0() -> 
 
 
 def test_a_tuning_run_that_kept_its_starting_point_says_so() -> None:
-    from recranker_core.ranker.tuning import kept_start_note
+    from recranker_core.tune_ranker.adapter import kept_start_note
 
     note = kept_start_note(steps=15, best_step=0, objective="sft")
     assert note is not None and "kept step 0 of 15" in note and "untuned backbone" in note
@@ -53,7 +53,7 @@ def test_a_tuning_run_that_kept_its_starting_point_says_so() -> None:
 
 
 def test_each_objective_is_compared_with_the_base_with_its_interval_and_guard() -> None:
-    from recranker_core.ranker.fusion import FusedWeights, GuardDecision
+    from recranker_core.batch_rank.fusion import FusedWeights, GuardDecision
 
     def row(v: float) -> dict[str, dict[str, float]]:
         return {"valid": {"ndcg@3": v}, "test": {"ndcg@3": v}}

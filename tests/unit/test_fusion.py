@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.fusion import (
+from recranker_core.batch_rank.fusion import (
     BASE_ONLY,
     FusedWeights,
     GuardDecision,
@@ -23,6 +22,7 @@ from recranker_core.ranker.fusion import (
     per_user_ndcg,
     users_hash,
 )
+from recranker_core.errors import ConfigError, DataError
 
 
 def user(n, base, point, pair, listw, position):

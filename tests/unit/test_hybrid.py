@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recranker_core.errors import ConfigError
-from recranker_core.ranker.hybrid import (
+from recranker_core.batch_rank.hybrid import (
     Weights,
     choose_weights,
     normalise,
@@ -17,6 +16,7 @@ from recranker_core.ranker.hybrid import (
     utilities,
     weight_grid,
 )
+from recranker_core.errors import ConfigError
 
 
 def test_normalise_is_a_z_score_and_constant_or_missing_gives_zeros():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.objectives import (
+from recranker_core.tune_ranker.batches import IGNORE, Example, collate
+from recranker_core.tune_ranker.objectives import (
     answer_logps,
     dmpo_loss,
     expected_positions,
@@ -28,7 +29,6 @@ from recranker_core.ranker.objectives import (
     soft_ranks,
     to_original_order,
 )
-from recranker_core.ranker.tune import IGNORE, Example, collate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -486,7 +486,7 @@ def test_gradients_flow_through_dmpo() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -519,7 +519,7 @@ def alone(model: Any, ids: list[int]) -> torch.Tensor:
 
 
 def identifier_ids(tokenizer: Any) -> list[int]:
-    from recranker_core.ranker.prompts import verbalizer_ids
+    from recranker_core.llm.render import verbalizer_ids
 
     return verbalizer_ids(tokenizer, 4)["identifiers"]
 

@@ -12,20 +12,18 @@ import pytest
 import torch
 
 from recranker_core.config import TuneSettings
-from recranker_core.ranker.prompts import Catalog, Prompt, _history_block, _layout, render
-from recranker_core.ranker.tune import (
-    PackedExample,
-    collate_packed,
-    encode_examples,
-    encode_packed,
-    packed_loss,
-    tune,
-)
+from recranker_core.llm.layouts import _history_block, _layout
+from recranker_core.llm.prompts import Catalog, Prompt
+from recranker_core.llm.render import render
+from recranker_core.tune_ranker.batches import encode_examples
+from recranker_core.tune_ranker.loop import tune
+from recranker_core.tune_ranker.losses import packed_loss
+from recranker_core.tune_ranker.packing import PackedExample, collate_packed, encode_packed
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -96,7 +94,7 @@ def test_packed_loss_equals_one_prompt_per_question(tiny: Path):
 
 
 def test_packed_answers_are_the_tokens_the_scorer_reads(tiny: Path):
-    from recranker_core.ranker.prompts import verbalizer_ids
+    from recranker_core.llm.render import verbalizer_ids
 
     _, tokenizer = load(tiny)
     prompts = cut_prompts(0, [1, 2, 3], [4, 5, 6, 7], 0)

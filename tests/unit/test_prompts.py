@@ -17,18 +17,16 @@ import pytest
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.prompts import (
+from recranker_core.llm.builders import build_inference_prompts, build_training_prompts
+from recranker_core.llm.prompts import (
     IDENTIFIERS,
     SYSTEM_MESSAGE,
     TASKS,
     TEMPLATE_VERSION,
     Catalog,
     Prompt,
-    build_inference_prompts,
-    build_training_prompts,
-    render,
-    verbalizer_ids,
 )
+from recranker_core.llm.render import render, verbalizer_ids
 
 N_ITEMS = 60
 
@@ -110,7 +108,7 @@ def hints(data: SplitData) -> PopularityHints:
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from transformers import AutoTokenizer
 
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     return AutoTokenizer.from_pretrained(path)
@@ -508,7 +506,7 @@ def bytes_only_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from recranker_core.ranker.tiny import CHAT_TEMPLATE
+    from recranker_core.llm.tiny import CHAT_TEMPLATE
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

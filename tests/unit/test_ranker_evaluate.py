@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 
+from recranker_core.batch_rank.fusion import FusedWeights, fused_order
+from recranker_core.batch_rank.hybrid import Weights, order_for_mode
 from recranker_core.config import Settings
-from recranker_core.metrics import rank_metrics
-from recranker_core.ranker.evaluate import (
+from recranker_core.evaluate_ranker.evaluate import (
     METHODS,
     TargetScores,
     build_report,
@@ -19,9 +20,8 @@ from recranker_core.ranker.evaluate import (
     target_candidates,
     target_prompts,
 )
-from recranker_core.ranker.fusion import FusedWeights, fused_order
-from recranker_core.ranker.hybrid import Weights, order_for_mode
-from recranker_core.ranker.score import UserScores
+from recranker_core.llm.score import UserScores
+from recranker_core.metrics import rank_metrics
 
 
 def sasrec_context():
@@ -29,7 +29,7 @@ def sasrec_context():
 
     from recranker_core.base.models import BiasedMF, SASRec
     from recranker_core.base.split import build_split
-    from recranker_core.ranker.tuning import BaseContext
+    from recranker_core.tune_ranker.context import BaseContext
 
     rng = np.random.default_rng(7)
     n = 4000
@@ -44,7 +44,7 @@ def sasrec_context():
 
 
 def catalog_for(data):
-    from recranker_core.ranker.prompts import Catalog
+    from recranker_core.llm.prompts import Catalog
 
     return Catalog(
         titles=[f"Film {i}" for i in data.item_ids],
@@ -55,8 +55,8 @@ def catalog_for(data):
 
 
 def test_test_prompts_show_the_candidates_order_not_the_stale_train_sequence_order(tmp_path):
-    from recranker_core.ranker.prompts import build_inference_prompts
-    from recranker_core.ranker.tuning import BaseHints
+    from recranker_core.llm.builders import build_inference_prompts
+    from recranker_core.tune_ranker.context import BaseHints
 
     ctx = sasrec_context()
     settings = Settings(home=tmp_path)
@@ -215,7 +215,7 @@ def test_popularity_tiers_by_hand():
 
 
 def test_the_report_shows_intervals_in_words_tables_and_error_bars(tmp_path):
-    from recranker_core.ranker.report import (
+    from recranker_core.evaluate_ranker.report import (
         NO_DIFFERENCE,
         difference_text,
         slice_rows,
@@ -246,7 +246,7 @@ def test_the_report_shows_intervals_in_words_tables_and_error_bars(tmp_path):
 def test_recranker_eval_prints_the_guard_the_rows_and_the_intervals(capsys):
     from cli.common import _served
     from cli.ranker import _print_evaluation
-    from recranker_core.ranker.report import slice_rows, table_rows
+    from recranker_core.evaluate_ranker.report import slice_rows, table_rows
 
     rng = np.random.default_rng(11)
     valid, _, _ = synthetic_target("valid", rng)

@@ -11,7 +11,7 @@ import pytest
 
 from recranker_core.config import SamplingSettings
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.sampling import (
+from recranker_core.tune_ranker.sampling import (
     allocate_draws,
     cluster_draws,
     importance_draws,
@@ -248,7 +248,7 @@ def test_without_embeddings_the_cluster_stage_is_one_uniform_cluster(
 ):
     likes = np.array([3] * 40)
     s = settings(users=BIG, importance_ratio=0.0, penalty=1.0, clusters=10)
-    with caplog.at_level(logging.WARNING, logger="recranker_core.ranker.sampling"):
+    with caplog.at_level(logging.WARNING, logger="recranker_core.tune_ranker.sampling"):
         result = sample_users(likes, None, s)
     assert result.counts["clusters"] == 1 and result.counts["clusters_requested"] == 10
     assert result.cluster_sizes == [40]
@@ -267,7 +267,7 @@ def test_uniform_ablation():
 
 
 def test_the_run_log_gets_one_line_with_the_counts(caplog: pytest.LogCaptureFixture):
-    with caplog.at_level(logging.INFO, logger="recranker_core.ranker.sampling"):
+    with caplog.at_level(logging.INFO, logger="recranker_core.tune_ranker.sampling"):
         sample_users(np.array([2, 3, 4]), None, settings(users=10, method="uniform"))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 1

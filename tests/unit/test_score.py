@@ -17,16 +17,11 @@ import torch
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker import score as score_module
-from recranker_core.ranker.prompts import (
-    IDENTIFIERS,
-    Catalog,
-    Prompt,
-    build_inference_prompts,
-    render,
-    verbalizer_ids,
-)
-from recranker_core.ranker.score import UserScores, answer_logprobs, score_users
+from recranker_core.llm import score as score_module
+from recranker_core.llm.builders import build_inference_prompts
+from recranker_core.llm.prompts import IDENTIFIERS, Catalog, Prompt
+from recranker_core.llm.render import render, verbalizer_ids
+from recranker_core.llm.score import UserScores, answer_logprobs, score_users
 
 N_ITEMS = 60
 N_USERS = 6
@@ -99,7 +94,7 @@ def hints(data: SplitData) -> PopularityHints:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -10,8 +10,8 @@ import pytest
 
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import BaseTrainSettings, PromptSettings
-from recranker_core.ranker.prompts import IDENTIFIERS, Catalog
-from recranker_core.ranker.served_data import (
+from recranker_core.llm.prompts import IDENTIFIERS, Catalog
+from recranker_core.tune_ranker.served_data import (
     ShadowData,
     ShadowModels,
     build_served_prompts,

@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from recranker_core.batch_rank.fusion import FusedWeights, GuardDecision
+from recranker_core.batch_rank.serving import plan_serving, served_weights
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.batch import plan_serving, served_weights
-from recranker_core.ranker.fusion import FusedWeights, GuardDecision
 from recranker_core.registry import AdapterRecord
 
 

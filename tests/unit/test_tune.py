@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from recranker_core.config import TuneSettings
-from recranker_core.ranker.prompts import Prompt, render
-from recranker_core.ranker.tune import IGNORE, collate, encode_examples, sft_loss, tune
+from recranker_core.llm.prompts import Prompt
+from recranker_core.llm.render import render
+from recranker_core.tune_ranker.batches import IGNORE, collate, encode_examples
+from recranker_core.tune_ranker.loop import tune
+from recranker_core.tune_ranker.losses import sft_loss
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -145,7 +148,7 @@ def test_other_settings_do_not_resume_a_checkpoint(tiny: Path, tmp_path: Path):
 def test_only_settings_that_change_a_step_change_the_checkpoint_fingerprint(tiny: Path):
     """A resumed run must be the same computation (lr, data, ...), but a setting read only after
     training (the guard's users) or a label (the profile) must not discard the checkpoint."""
-    from recranker_core.ranker.tune import _fingerprint
+    from recranker_core.tune_ranker.loop import _fingerprint
 
     model, tokenizer = load(tiny)
     examples, _ = encode_examples(prompts(4), tokenizer, max_length=512)
@@ -157,7 +160,7 @@ def test_only_settings_that_change_a_step_change_the_checkpoint_fingerprint(tiny
 
 
 def test_verbalizer_scores_ignore_left_padding(tiny: Path):
-    from recranker_core.ranker.score import answer_logprobs
+    from recranker_core.llm.score import answer_logprobs
 
     model, tokenizer = load(tiny)
     texts = ["".join(render(p, tokenizer)[:2]) for p in prompts(4)]

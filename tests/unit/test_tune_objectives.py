@@ -20,33 +20,27 @@ import torch
 from recranker_core.base.split import SplitData, build_split
 from recranker_core.config import PromptSettings, TuneSettings
 from recranker_core.errors import ConfigError
-from recranker_core.ranker.objectives import (
+from recranker_core.llm.builders import (
+    build_inference_prompts,
+    build_training_prompts,
+    reorder_listwise,
+)
+from recranker_core.llm.prompts import IDENTIFIERS, Catalog, Prompt
+from recranker_core.tune_ranker.batches import (
+    IGNORE,
+    Example,
+    collate,
+    encode_alro_examples,
+    encode_dmpo_examples,
+)
+from recranker_core.tune_ranker.loop import apply_lora, reference_logps, start_adapter, tune
+from recranker_core.tune_ranker.losses import OBJECTIVES, encode_for
+from recranker_core.tune_ranker.objectives import (
     gather_answer_logps,
     permutation_sensitive_loss,
     single_token_answer_logps,
     soft_lambda_loss,
     to_original_order,
-)
-from recranker_core.ranker.prompts import (
-    IDENTIFIERS,
-    Catalog,
-    Prompt,
-    build_inference_prompts,
-    build_training_prompts,
-    reorder_listwise,
-)
-from recranker_core.ranker.tune import (
-    IGNORE,
-    OBJECTIVES,
-    Example,
-    apply_lora,
-    collate,
-    encode_alro_examples,
-    encode_dmpo_examples,
-    encode_for,
-    reference_logps,
-    start_adapter,
-    tune,
 )
 
 N_ITEMS = 40
@@ -109,7 +103,7 @@ def prompts(request: pytest.FixtureRequest, data: SplitData, catalog: Catalog) -
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recranker_core.ranker.tiny import build_tiny_model
+    from recranker_core.llm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -342,7 +336,7 @@ def test_alro_steps_lower_its_loss_and_a_resumed_run_matches(
 
 
 def test_dmpo_negatives_follow_their_source(tiny: Path, prompts: list[Prompt]) -> None:
-    from recranker_core.ranker.prompts import verbalizer_ids
+    from recranker_core.llm.render import verbalizer_ids
 
     _, tokenizer = load(tiny)
     chosen: dict[str, list[list[int]]] = {}

@@ -1,5 +1,5 @@
-"""Prefect tasks of the batch-ranking and evaluation stages: the champion scorer and ranker, one
-shard ranked and written, the run published, and the artifacts a person reads."""
+"""Prefect tasks of the batch-ranking stage: the champion scorer, what the run serves, one
+shard ranked and written, and the artifacts a person reads."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from recranker_core.base.candidates import ChampionScorer
+from recranker_core.batch_rank.serving import ServingPlan
 from recranker_core.config import Settings
-from recranker_core.ranker.batch import Ranker, ServingPlan
 from tasks.common import TRANSIENT_RETRIES, store_for
 
 
@@ -23,7 +23,7 @@ from tasks.common import TRANSIENT_RETRIES, store_for
 )
 def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
     from recranker_core.base.candidates import load_champion
-    from recranker_core.ranker.batch import cache_root
+    from recranker_core.batch_rank.serving import cache_root
 
     champion = load_champion(database_url, store_for(settings), cache_root(settings))
     get_run_logger().info(
@@ -36,29 +36,6 @@ def load_champion_task(database_url: str, settings: Settings) -> ChampionScorer:
 
 
 @task(
-    name="load-ranker",
-    cache_policy=NO_CACHE,
-    **TRANSIENT_RETRIES,
-)
-def load_ranker_task(
-    database_url: str, settings: Settings, adapter_id: int | None = None
-) -> Ranker | None:
-    """The champion adapter (or adapter `adapter_id`, champion or not) on the backbone."""
-    from recranker_core import registry
-    from recranker_core.ranker.batch import load_ranker
-
-    record = None if adapter_id is None else registry.get_adapter(database_url, adapter_id)
-    ranker = load_ranker(database_url, store_for(settings), settings, record)
-    if ranker is None:
-        get_run_logger().warning("no champion adapter: this run publishes base rankings only")
-    else:
-        get_run_logger().info(
-            "ranker: %s on %s (%s)", ranker.adapter.label, ranker.backbone_id, ranker.device
-        )
-    return ranker
-
-
-@task(
     name="serving-plan",
     cache_policy=NO_CACHE,
     **TRANSIENT_RETRIES,
@@ -68,7 +45,7 @@ def serving_plan_task(database_url: str, settings: Settings) -> ServingPlan:
     adapter, and in mode `fused` its stored guard decision (base order and no LLM time, or the
     fused order with its weights; RECRANKER_RANK__FUSED_WEIGHTS overrides them)."""
     from recranker_core import registry
-    from recranker_core.ranker.batch import plan_serving
+    from recranker_core.batch_rank.serving import plan_serving
 
     mode = settings.rank.mode
     record = None if mode == "base" else registry.champion_adapter(database_url)
@@ -105,11 +82,12 @@ def rank_shard_task(
     for the run."""
     import time
 
+    from recranker_core.batch_rank.fusion import FusedWeights
+    from recranker_core.batch_rank.publish import write_shard
+    from recranker_core.batch_rank.rank import rank_shard
+    from recranker_core.batch_rank.serving import serving_models
     from recranker_core.db.pool import pooled
     from recranker_core.interrupts import check_stop
-    from recranker_core.ranker.batch import rank_shard, serving_models
-    from recranker_core.ranker.fusion import FusedWeights
-    from recranker_core.ranker.publish import write_shard
 
     check_stop()
     started = time.perf_counter()
@@ -185,37 +163,4 @@ def publish_rank_artifacts(summary: dict[str, Any], shards: list[dict[str, Any]]
         lines.append(f"- dropped old runs: {', '.join(summary['dropped'])}")
     create_markdown_artifact(
         key="batch-rank", markdown="\n".join(lines), description="What was ranked and published"
-    )
-
-
-def publish_eval_artifacts(report: Any, report_path: str) -> None:
-    """The docs/METHOD.md table with each method's difference to the base and its interval, the
-    guard's decision and the slices, as a table artifact and a markdown artifact."""
-    from recranker_core.ranker.report import guard_line, markdown_table, slice_rows, table_rows
-
-    rows = table_rows(report)
-    create_table_artifact(
-        key="ranker-evaluation",
-        table=rows,
-        description="HR/NDCG of the base model, each task, the hybrid, the fused and the "
-        "published ranking, with each difference to the base and its 95% paired-bootstrap "
-        "interval (docs/METHOD.md table)",
-    )
-    lines = ["### Ranker evaluation", "", f"- {guard_line(report)}"]
-    if report.sample:
-        lines.append(f"- sample: {report.sample}")
-    lines += [
-        f"- HTML report with plots: `{report_path}` (file://{report_path})",
-        f"- weights: `{report.weights}`",
-        "",
-        'A difference whose interval contains 0 is written "no measurable difference".',
-        "",
-        markdown_table(rows),
-    ]
-    if report.slices:
-        lines += ["", "#### Slices (test NDCG@3)", "", markdown_table(slice_rows(report))]
-    create_markdown_artifact(
-        key="ranker-evaluation-report",
-        markdown="\n".join(lines),
-        description="The evaluation table with intervals, the guard's decision and the slices",
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recranker_core.db.connect import connect
-from recranker_core.ranker.evaluate import DIFF_METRICS, EvalReport
+from recranker_core.evaluate_ranker.evaluate import DIFF_METRICS, EvalReport
 
 METRICS = ("hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10")
 COLORS = {

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recranker_core.ranker.bias import PositionBias
-from recranker_core.ranker.evaluate import EvalReport
-from recranker_core.ranker.report import METRICS
+from recranker_core.evaluate_ranker.bias import PositionBias
+from recranker_core.evaluate_ranker.evaluate import EvalReport
+from recranker_core.evaluate_ranker.report import METRICS
 
 OBJECTIVE_ORDER = ("sft", "alro", "dmpo")
 

@@ -13,14 +13,8 @@ import numpy as np
 import numpy.typing as npt
 
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.prompts import (
-    RATING_MAX,
-    RATING_MIN,
-    TASKS,
-    Prompt,
-    render,
-    verbalizer_ids,
-)
+from recranker_core.llm.prompts import RATING_MAX, RATING_MIN, TASKS, Prompt
+from recranker_core.llm.render import render, verbalizer_ids
 
 _RATINGS = np.arange(RATING_MIN, RATING_MAX + 1, dtype=np.float64)
 

@@ -21,6 +21,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from recranker_core.batch_rank.fusion import (
+    FusedWeights,
+    GuardDecision,
+    ScoredUser,
+    cross_fit_guard,
+    fused_order,
+)
+from recranker_core.batch_rank.hybrid import MODES, Weights, choose_weights, order_for_mode
+from recranker_core.llm.builders import build_inference_prompts
+from recranker_core.llm.prompts import Catalog, Prompt
 from recranker_core.metrics import (
     DEFAULT_KS,
     hits_per_user,
@@ -28,15 +38,6 @@ from recranker_core.metrics import (
     paired_bootstrap,
     rank_metrics,
 )
-from recranker_core.ranker.fusion import (
-    FusedWeights,
-    GuardDecision,
-    ScoredUser,
-    cross_fit_guard,
-    fused_order,
-)
-from recranker_core.ranker.hybrid import MODES, Weights, choose_weights, order_for_mode
-from recranker_core.ranker.prompts import Catalog, Prompt, build_inference_prompts
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def target_candidates(
     """Base candidates and their scores for every evaluable user of `target` (a seeded random
     subset of `max_users` when set), the held-out item's position among them, and what the
     slices read (train likes per user, the held-out item's popularity tier). No LLM."""
-    from recranker_core.ranker.tuning import base_candidate_scores
+    from recranker_core.tune_ranker.context import base_candidate_scores
 
     users = ctx.data.evaluable_users().astype(np.int64)
     n_evaluable = int(users.size)
@@ -183,7 +184,7 @@ def target_prompts(
     that produced these candidates (docs/METHOD.md section 6): their base order is the candidates'
     order, also for the test target of a sequence model (whose train-sequence scores would be
     stale); `hints` only supplies the rating predictions."""
-    from recranker_core.ranker.tuning import CandidateHints
+    from recranker_core.tune_ranker.context import CandidateHints
 
     chosen = {int(ts.users[r]): ts.candidates[r].tolist() for r in rows}
     fresh = CandidateHints(ratings=hints, n_items=ctx.data.n_items, candidates=chosen)
@@ -215,7 +216,7 @@ def score_target(
     set) for `target`, and LLM scores of the users whose held-out item is a candidate."""
     from tqdm.auto import tqdm
 
-    from recranker_core.ranker.score import score_users
+    from recranker_core.llm.score import score_users
 
     out = target_candidates(ctx, settings, target, max_users=max_users)
     started = time.perf_counter()

@@ -17,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from recranker_core.errors import ConfigError
-from recranker_core.ranker.prompts import Catalog, Prompt, reorder_listwise
+from recranker_core.llm.builders import reorder_listwise
+from recranker_core.llm.prompts import Catalog, Prompt
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def position_bias(
     batch_size: int = 8,
 ) -> PositionBias:
     """Score each listwise prompt in its own order and in `shuffles` seeded permutations."""
-    from recranker_core.ranker.score import listwise_scores
+    from recranker_core.llm.score import listwise_scores
 
     if shuffles < 1:
         raise ConfigError(f"shuffles must be at least 1, not {shuffles}")

@@ -274,7 +274,7 @@ def single_token_violations(tokenizer: Any) -> list[str]:
     ANSWER_CONTEXTS, as `"context"|word` (see `backbone.answer_token_ids` for what counts);
     empty when the guarantee holds."""
     from recranker_core.errors import ConfigError
-    from recranker_core.ranker.backbone import answer_token_ids
+    from recranker_core.llm.backbone import answer_token_ids
 
     broken: list[str] = []
     for context in ANSWER_CONTEXTS:

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from recranker_core.batch_rank.hybrid import normalise, rerank
 from recranker_core.errors import ConfigError, DataError
 from recranker_core.metrics import paired_bootstrap
-from recranker_core.ranker.hybrid import normalise, rerank
 
 SIGNALS = ("base", "pointwise", "pairwise", "listwise")
 SERVED = ("fused", "base")

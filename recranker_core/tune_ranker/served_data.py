@@ -25,14 +25,8 @@ import numpy.typing as npt
 
 from recranker_core.base.split import SplitData
 from recranker_core.errors import ConfigError, DataError
-from recranker_core.ranker.prompts import (
-    IDENTIFIERS,
-    Catalog,
-    Prompt,
-    _history_block,
-    _label_rating,
-    _layout,
-)
+from recranker_core.llm.layouts import _history_block, _layout
+from recranker_core.llm.prompts import IDENTIFIERS, Catalog, Prompt, _label_rating
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from recranker_core.config import Settings
-from recranker_core.ranker.tuning import BaseContext
 from recranker_core.registry import AdapterRecord
+from recranker_core.tune_ranker.context import BaseContext
 from tasks.common import TRANSIENT_RETRIES, store_for
 
 
@@ -25,7 +25,7 @@ def load_base_task(database_url: str, settings: Settings, hint_ratings: bool = T
     pointwise hint: the one stored with the champion by its retrain, reused, or for a champion
     stored without one, fitted on its split now. An evaluation reads the adapter's own rating
     model instead and passes hint_ratings=False."""
-    from recranker_core.ranker.tuning import hint_rating_model, load_base_context
+    from recranker_core.tune_ranker.context import hint_rating_model, load_base_context
 
     ctx = load_base_context(
         database_url,
@@ -42,7 +42,7 @@ def load_base_task(database_url: str, settings: Settings, hint_ratings: bool = T
 
 @task(name="sample-users", cache_policy=NO_CACHE)
 def sample_users_task(ctx: BaseContext, settings: Settings) -> Any:
-    from recranker_core.ranker.tuning import sample_training_users
+    from recranker_core.tune_ranker.context import sample_training_users
 
     sample = sample_training_users(ctx, settings)
     get_run_logger().info("sampled users (%s): %s", sample.method, sample.counts)
@@ -59,8 +59,8 @@ def build_dataset_task(
 ) -> tuple[list[Any], dict[str, Any], str, Any]:
     """The sampled users' prompts (on the served task by default: shadow base models, cut
     points, the next like as the answer), written as JSONL to S3 with a manifest."""
-    from recranker_core.ranker.prompts import Catalog
-    from recranker_core.ranker.tuning import build_training_data, write_dataset
+    from recranker_core.llm.prompts import Catalog
+    from recranker_core.tune_ranker.dataset import build_training_data, write_dataset
 
     logger = get_run_logger()
     catalog = Catalog.from_database(database_url, ctx.data.item_ids)
@@ -91,7 +91,7 @@ def build_dataset_task(
 def start_adapter_task(database_url: str, settings: Settings) -> AdapterRecord | None:
     """The SFT adapter a DMPO run starts from (None for the other objectives); checked before
     any data is built, so a DMPO run without one fails at once."""
-    from recranker_core.ranker.tuning import sft_start_adapter
+    from recranker_core.tune_ranker.adapter import sft_start_adapter
 
     if settings.tune.objective != "dmpo":
         return None
@@ -117,7 +117,7 @@ def tune_adapter_task(
     the SFT adapter, for DMPO), store, register and gate the adapter: its fused ranking against
     the base order and the champion adapter on the same validation users. An `experiment`'s
     adapter is registered under that label and left a candidate (no gate, no promotion)."""
-    from recranker_core.ranker.tuning import run_tuning
+    from recranker_core.tune_ranker.run import run_tuning
 
     logger = get_run_logger()
     summary = run_tuning(
