@@ -186,7 +186,7 @@ def adam_optimizers(model: torch.nn.Module, lr: float) -> list[torch.optim.Optim
     decay, so a step costs the batch and not the table), plain Adam for every other parameter.
     The first step agrees with dense Adam's but for where eps enters (SparseAdam adds it before
     the bias correction); after that, rows a batch did not read keep still where dense Adam
-    would move them by momentum (tests/unit/test_sparse_training.py)."""
+    would move them by momentum (tests/unit/base/test_sparse_training.py)."""
     import torch
 
     sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]

@@ -40,7 +40,7 @@ def test_url_helpers():
 
 
 def test_readme_lists_every_setting():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
     assert settings_table() in readme, (
         "README's settings table is stale: paste `recranker settings --markdown`"
     )
