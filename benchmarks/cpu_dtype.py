@@ -1,7 +1,7 @@
 """bfloat16 against float32 on the CPU: the LoRA tuning step (forward, backward, AdamW; tokens/s)
-and the verbalizer scoring of rr-3 prompts (s/user), each measured for both dtypes in this run
-on the same batch and prompts (alternating, best of `--repeats`), with how far bfloat16 moves the
-scores and the order they give.
+and the verbalizer scoring of rr-3 prompts through the LoRA-wrapped model (s/user; as serving
+scores), each measured for both dtypes in this run on the same batch and prompts (alternating,
+best of `--repeats`), with how far bfloat16 moves the scores and the order they give.
 
     python benchmarks/cpu_dtype.py [--users 6 --history 20 --batch 2 --length 1024 --repeats 2]
 
@@ -66,9 +66,11 @@ def main() -> None:
 
     settings = load_settings()
     backbones = {}
+    models = {}  # the backbone with a LoRA adapter, as tuning trains it and serving scores it
     for dtype in DTYPES:
         chosen = settings.backbone.model_copy(update={"device": "cpu", "dtype": dtype})
         backbones[dtype] = load_backbone(chosen, settings.home)
+        models[dtype] = apply_lora(backbones[dtype].model, settings.tune).eval()
     tokenizer = backbones["float32"].tokenizer
     prompts = PromptSettings(template="rr-3", history_max=args.history)
     with tempfile.TemporaryDirectory(prefix="recranker-bench-dtype-") as tmp:
@@ -78,12 +80,10 @@ def main() -> None:
     scored: dict[str, list[UserScores]] = {}
     seconds: dict[str, float] = {d: float("inf") for d in DTYPES}
     for dtype in DTYPES:  # warm-up: lazy imports, allocator, kernels
-        score_users(backbones[dtype].model, tokenizer, entries[:1], tasks=("listwise",))
+        score_users(models[dtype], tokenizer, entries[:1], tasks=("listwise",))
     for _ in range(args.repeats):
         for dtype in DTYPES:
-            result, s = best_of(
-                lambda d=dtype: score_users(backbones[d].model, tokenizer, entries), 1
-            )
+            result, s = best_of(lambda d=dtype: score_users(models[d], tokenizer, entries), 1)
             scored[dtype] = result
             seconds[dtype] = min(seconds[dtype], s)
     n = len(entries)
@@ -99,9 +99,9 @@ def main() -> None:
     train: dict[str, float] = {}
     steps = {}
     for dtype in DTYPES:
-        model = backbones[dtype].model
-        batch = make_batch(model.config.vocab_size, args.batch, args.length, torch.device("cpu"))
-        peft_model = apply_lora(model, settings.tune)
+        peft_model = models[dtype]
+        vocab = backbones[dtype].model.config.vocab_size
+        batch = make_batch(vocab, args.batch, args.length, torch.device("cpu"))
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.tune.lr)

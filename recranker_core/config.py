@@ -249,9 +249,9 @@ class BackboneSettings(BaseModel):
     dtype: str = Field(
         "auto",
         description="`auto` (bf16 on CUDA, float32 on CPU), `bfloat16` or `float32`. On a CPU "
-        "with bfloat16 instructions (AVX512-BF16 or AMX) `bfloat16` tunes and scores about 1.4x "
-        "faster (BENCHMARKS.md); elsewhere torch emulates it, slower (a warning says so). Tune "
-        "and serve an adapter in the same dtype: its guard read that one's scores.",
+        "with bfloat16 instructions (AVX512-BF16 or AMX) `bfloat16` scores 1.5-1.9x and tunes "
+        "1.8-2.3x faster (BENCHMARKS.md); elsewhere torch emulates it, slower (a warning says "
+        "so). Tune and serve an adapter in the same dtype: its guard read that one's scores.",
     )
     device: str = Field("auto", description="`auto` (CUDA when available), `cuda` or `cpu`.")
 
