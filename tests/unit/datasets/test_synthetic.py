@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recranker_core.datasets import synthetic
+from recranker_core.datasets import synthetic, synthetic_model
 from recranker_core.datasets.synthetic import (
     DEFAULT_DAYS,
     DEFAULT_END_TS,
@@ -165,7 +165,7 @@ def test_chunk_size_changes_layout_not_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Small generation blocks, so the data spans many blocks and many chunks.
-    monkeypatch.setattr(synthetic, "_BLOCK_ROWS", 1_500)
+    monkeypatch.setattr(synthetic_model, "_BLOCK_ROWS", 1_500)
     a = generate(tmp_path / "a", users=USERS, items=ITEMS, interactions=ROWS, seed=5)
     b = generate(
         tmp_path / "b", users=USERS, items=ITEMS, interactions=ROWS, seed=5, chunk_rows=777
