@@ -83,7 +83,7 @@ def resolve_dtype_device(settings: BackboneSettings) -> tuple[str, str]:
         dtype = "bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else "float32"
     elif wanted_dtype in _DTYPES:
         dtype = wanted_dtype
-        if device == "cpu" and dtype != "float32" and not cpu_has_native_bf16():
+        if device == "cpu" and dtype == "bfloat16" and not cpu_has_native_bf16():
             log.warning(
                 "RECRANKER_BACKBONE__DTYPE=%s on a CPU without bfloat16 instructions (AVX512-BF16 "
                 "or AMX): torch emulates it, slower than float32; use `auto` or `float32` here",
