@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from base_models import cpu_model  # benchmarks/ is on sys.path when run as a script
-from score import build_entries
+from score import build_entries, timed
 from tune import make_batch
 
 from recranker_core.config import PromptSettings, load_settings
@@ -34,15 +33,7 @@ from recranker_core.tune_ranker.loop import apply_lora
 from recranker_core.tune_ranker.losses import sft_loss
 
 DTYPES = ("float32", "bfloat16")
-
-
-def best_of(run: Any, repeats: int) -> tuple[Any, float]:
-    result, best = None, float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+CPU = torch.device("cpu")
 
 
 def top3_overlap(a: list[UserScores], b: list[UserScores], task: str) -> float:
@@ -83,7 +74,7 @@ def main() -> None:
         score_users(models[dtype], tokenizer, entries[:1], tasks=("listwise",))
     for _ in range(args.repeats):
         for dtype in DTYPES:
-            result, s = best_of(lambda d=dtype: score_users(models[d], tokenizer, entries), 1)
+            result, s = timed(lambda d=dtype: score_users(models[d], tokenizer, entries), CPU)
             scored[dtype] = result
             seconds[dtype] = min(seconds[dtype], s)
     n = len(entries)
@@ -101,7 +92,7 @@ def main() -> None:
     for dtype in DTYPES:
         peft_model = models[dtype]
         vocab = backbones[dtype].model.config.vocab_size
-        batch = make_batch(vocab, args.batch, args.length, torch.device("cpu"))
+        batch = make_batch(vocab, args.batch, args.length, CPU)
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.tune.lr)
@@ -116,7 +107,7 @@ def main() -> None:
         train[dtype] = float("inf")
     for _ in range(args.repeats):
         for dtype in DTYPES:
-            _, s = best_of(steps[dtype], 1)
+            _, s = timed(steps[dtype], CPU)
             train[dtype] = min(train[dtype], s)
     tokens = args.batch * args.length
 
