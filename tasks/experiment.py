@@ -114,27 +114,16 @@ def evaluate_objective_task(
 
 
 def publish_experiment_artifacts(results: list[ObjectiveResult], markdown: str) -> None:
-    rows = []
-    for r in results:
-        for method, splits in r.report.table.items():
-            for split, metrics in splits.items():
-                ci = r.report.diff_ci.get(method, {}).get(split, {}).get("ndcg@3")
-                rows.append(
-                    {
-                        "objective": r.objective,
-                        "method": method,
-                        "split": split,
-                        **{k: round(v, 4) for k, v in metrics.items()},
-                        "ndcg@3 - base, 95% interval": (
-                            f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
-                        ),
-                    }
-                )
+    from recranker_core.evaluate_ranker.report import table_rows
+
+    # The evaluation's own rows (each difference to the base with its interval, in words), per
+    # objective.
+    rows = [{"objective": r.objective, **row} for r in results for row in table_rows(r.report)]
     create_table_artifact(
         key="objectives-comparison",
         table=rows,
         description="HR/NDCG of each tuning objective's adapter (docs/METHOD.md table), each "
-        "method's NDCG@3 difference to the base model with its 95% interval",
+        "method's differences to the base model with their 95% intervals",
     )
     create_markdown_artifact(
         key="objectives-comparison-report",
